@@ -1,0 +1,178 @@
+"""The event contract between services: every message on every stream is one of these.
+
+Events are immutable. `event_id` is a ULID minted once by the producer, so a redelivered or
+re-published event keeps its identity and every consumer can deduplicate on it. A change that
+would break an old reader bumps `schema_version` and keeps the old shape readable.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from ulid import ULID
+
+Tier = Literal["free", "standard", "premium"]
+TIERS: tuple[Tier, ...] = ("free", "standard", "premium")
+
+
+def new_id() -> str:
+    return str(ULID())
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    type: str
+    event_id: str = Field(default_factory=new_id)
+    schema_version: int = 1
+    occurred_at: datetime = Field(default_factory=utc_now)
+    producer: str
+    customer_id: str
+    request_id: str
+    region: str
+
+    def canonical_json(self) -> str:
+        """Sorted keys, no spaces: the exact text that gets hashed and stored."""
+        return canonical_json(self.model_dump(mode="json"))
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class JobSubmitted(Event):
+    """Intake accepted a job; it is recorded and will be run exactly once to completion."""
+
+    type: Literal["job.submitted"] = "job.submitted"
+    tier: Tier
+    model: str
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+class JobStarted(Event):
+    type: Literal["job.started"] = "job.started"
+    worker: str
+    queue_ms: float
+
+
+class EnergyReading(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    energy_j: Decimal
+    meter: str
+    estimated: bool
+
+
+class JobCompleted(Event):
+    """A worker finished a job. Carries everything the books and the inspector need."""
+
+    type: Literal["job.completed"] = "job.completed"
+    tier: Tier
+    submitted_at: datetime
+    worker: str
+    model: str
+    device: str
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+    max_tokens: int
+    text: str
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    completion_tokens: int
+    queue_ms: float
+    ttft_ms: float
+    generation_ms: float
+    e2e_ms: float
+    compute_s: Decimal
+    energy: EnergyReading
+
+
+class JobFailed(Event):
+    """A job that cannot succeed (bad prompt for this model, for example). Never billed."""
+
+    type: Literal["job.failed"] = "job.failed"
+    worker: str
+    reason: str
+
+
+class QualitySignal(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    severity: Literal["ok", "warn", "defect"]
+    detail: str = ""
+
+
+class QualityVerdict(Event):
+    type: Literal["quality.verdict"] = "quality.verdict"
+    completion_event_id: str
+    verdict: Literal["pass", "warn", "defective"]
+    signals: tuple[QualitySignal, ...]
+
+
+class PowerSample(Event):
+    """Energy a meter measured over one window. Not tied to a request: `request_id` is empty."""
+
+    type: Literal["power.sample"] = "power.sample"
+    meter: str
+    device: str
+    estimated: bool
+    window_start: datetime
+    window_end: datetime
+    energy_j: Decimal
+    power_w: Decimal
+
+
+class UsageBooked(Event):
+    """The ledger booked a request: its cost and revenue are final for this price version."""
+
+    type: Literal["usage.booked"] = "usage.booked"
+    tier: Tier
+    prompt_tokens: int
+    completion_tokens: int
+    energy_j: Decimal
+    cost: Decimal
+    revenue: Decimal
+    currency: str
+    price_version: str
+
+
+AnyEvent = Annotated[
+    JobSubmitted
+    | JobStarted
+    | JobCompleted
+    | JobFailed
+    | QualityVerdict
+    | PowerSample
+    | UsageBooked,
+    Field(discriminator="type"),
+]
+_any_event = TypeAdapter(AnyEvent)
+
+
+def parse_event(raw: bytes | str | dict[str, Any]) -> Event:
+    """Decode any event; raises `pydantic.ValidationError` or `ValueError` on malformed input."""
+    if isinstance(raw, dict):
+        return _any_event.validate_python(raw)
+    return _any_event.validate_json(raw)
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

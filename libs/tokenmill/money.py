@@ -1,0 +1,26 @@
+"""Money and physical quantities as exact decimals. Floats never touch an amount."""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_EVEN, Decimal, localcontext
+
+TOKENS_PER_MILLION = Decimal(1_000_000)
+JOULES_PER_KWH = Decimal(3_600_000)
+SECONDS_PER_HOUR = Decimal(3_600)
+# Internal amounts keep this many decimal places; only invoice lines round to cents.
+AMOUNT_PLACES = Decimal("0.000000000001")
+
+
+def to_decimal(value: float | int | str | Decimal) -> Decimal:
+    """Convert a measured float through its shortest repr, never through binary expansion."""
+    if isinstance(value, Decimal):
+        return value
+    if isinstance(value, float):
+        return Decimal(repr(value))
+    return Decimal(value)
+
+
+def quantize_amount(value: Decimal) -> Decimal:
+    with localcontext() as ctx:
+        ctx.prec = 40
+        return value.quantize(AMOUNT_PLACES, rounding=ROUND_HALF_EVEN)

@@ -1,0 +1,110 @@
+"""Transactional outbox: events are written with the state change that caused them, then relayed.
+
+A service that changes Postgres and must tell others about it never publishes inside its
+transaction. It queues the event in its schema's `outbox` table in the same transaction, and
+the relay publishes committed rows to Redis afterwards. So an accepted job is never lost while
+Redis is down, and an event is never published for a change that rolled back. The relay may
+publish a row twice (a crash between XADD and marking the row); the event id stays the same,
+and every consumer deduplicates on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+from tokenmill.events import Event
+from tokenmill.settings import Settings
+from tokenmill.streams import event_headers
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[str, str, dict[str, str]], Awaitable[None]]
+
+RETRY_DELAY_S_MAX = 5.0
+
+
+def _channel(schema: str) -> str:
+    assert re.fullmatch(r"[a-z_]+", schema), schema
+    return f"{schema}_outbox"
+
+
+async def enqueue(conn: asyncpg.Connection, schema: str, stream: str, event: Event) -> None:
+    """Queue `event` for `stream`; call inside the transaction that made the change."""
+    assert conn.is_in_transaction(), "enqueue outside a transaction could publish a rollback"
+    await conn.execute(
+        f"INSERT INTO {schema}.outbox (event_id, event_type, stream, body, headers) "
+        "VALUES ($1, $2, $3, $4, $5)",
+        event.event_id,
+        event.type,
+        stream,
+        event.canonical_json(),
+        event_headers(event),
+    )
+    # Delivered at commit, so the relay wakes only for rows it can see.
+    await conn.execute("SELECT pg_notify($1, '')", _channel(schema))
+
+
+class OutboxRelay:
+    """Publishes committed outbox rows in order, waking on NOTIFY and polling as a fallback."""
+
+    def __init__(self, pool: asyncpg.Pool, schema: str, publish: Publish, settings: Settings):
+        self._pool = pool
+        self._schema = schema
+        self._publish = publish
+        self._batch_max = settings.outbox_batch_max
+        self._poll_s = settings.outbox_poll_s
+        self._wake = asyncio.Event()
+
+    async def run(self) -> None:
+        listener = await self._pool.acquire()
+        await listener.add_listener(_channel(self._schema), self._on_notify)
+        delay_s = 0.1
+        try:
+            while True:
+                self._wake.clear()
+                try:
+                    published = await self.publish_batch()
+                    delay_s = 0.1
+                except Exception as exc:  # Redis or Postgres down: keep the rows, retry later.
+                    log.warning(
+                        "outbox relay %s: %s; retrying in %.1fs", self._schema, exc, delay_s
+                    )
+                    await asyncio.sleep(delay_s)
+                    delay_s = min(delay_s * 2, RETRY_DELAY_S_MAX)
+                    continue
+                if published < self._batch_max:
+                    await self._wait()
+        finally:
+            await listener.remove_listener(_channel(self._schema), self._on_notify)
+            await self._pool.release(listener)
+
+    async def publish_batch(self) -> int:
+        """Publish up to one batch of unpublished rows; return how many were published."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                f"SELECT seq, stream, body, headers FROM {self._schema}.outbox "
+                "WHERE published_at IS NULL ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
+                self._batch_max,
+            )
+            for row in rows:
+                await self._publish(row["stream"], row["body"], row["headers"])
+            if rows:
+                await conn.execute(
+                    f"UPDATE {self._schema}.outbox SET published_at = now() WHERE seq = ANY($1)",
+                    [row["seq"] for row in rows],
+                )
+        assert len(rows) <= self._batch_max
+        return len(rows)
+
+    def _on_notify(self, *_: object) -> None:
+        self._wake.set()
+
+    async def _wait(self) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout=self._poll_s)
+        except TimeoutError:
+            pass

@@ -1,0 +1,101 @@
+"""The shared life cycle of a service process: connect, bootstrap, run, stop cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from faststream.redis import RedisBroker
+from redis.asyncio import Redis as RedisClient
+from tokenmill import tracing
+from tokenmill.db import create_pool
+from tokenmill.outbox import OutboxRelay
+from tokenmill.settings import Settings
+from tokenmill.streams import Streams, create_groups, publish
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """What a service's wiring gets: its settings, its broker, its pool, the stream names."""
+
+    name: str
+    settings: Settings
+    broker: RedisBroker
+    redis: RedisClient
+    pool: asyncpg.Pool | None
+    streams: Streams
+
+    @property
+    def db(self) -> asyncpg.Pool:
+        assert self.pool is not None, f"{self.name} was started without a database"
+        return self.pool
+
+    def outbox_relay(self, schema: str) -> Coroutine[Any, Any, None]:
+        """The loop that publishes `schema`'s committed outbox rows through this broker."""
+
+        async def publish_row(stream: str, body: str, headers: dict[str, str]) -> None:
+            await publish(self.broker, stream, body, headers)
+
+        return OutboxRelay(self.db, schema, publish_row, self.settings).run()
+
+
+# Wiring registers subscribers on the broker and returns the background loops to run.
+Wiring = Callable[[Runtime], Awaitable[list[Coroutine[Any, Any, None]]]]
+
+
+def configure_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(
+    name: str, settings: Settings, wire: Wiring, *, needs_db: bool = True
+) -> AsyncIterator[Runtime]:
+    """Start a service's broker, pool and background loops; stop them all on exit."""
+    assert settings.redis_url, "redis_url must be resolved before a service starts"
+    tracing.setup(name)
+    broker = RedisBroker(settings.redis_url, logger=logging.getLogger(f"tokenmill.{name}.broker"))
+    redis = RedisClient.from_url(settings.redis_url)
+    pool = await create_pool(settings) if needs_db else None
+    runtime = Runtime(name, settings, broker, redis, pool, Streams(settings.stream_prefix))
+    loops: list[asyncio.Task[None]] = []
+    try:
+        await create_groups(redis, runtime.streams.groups(settings.region))
+        background = await wire(runtime)
+        await broker.start()
+        loops = [asyncio.create_task(coro, name=f"{name}-loop") for coro in background]
+        log.info("%s started (consumer %s)", name, settings.consumer)
+        yield runtime
+    finally:
+        for task in loops:
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        await broker.stop()
+        await redis.aclose()
+        if pool is not None:
+            await pool.close()
+        log.info("%s stopped", name)
+
+
+async def until_stopped() -> None:
+    """Block until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def serve(name: str, settings: Settings, wire: Wiring, *, needs_db: bool = True) -> None:
+    async with running(name, settings, wire, needs_db=needs_db):
+        await until_stopped()

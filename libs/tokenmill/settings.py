@@ -1,0 +1,88 @@
+"""One settings object for every service, read from the environment once and passed down."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+ENV_PREFIX = "TOKENMILL_"
+
+
+def _default_data_dir() -> str:
+    return str(Path.home() / ".tokenmill")
+
+
+def _default_consumer() -> str:
+    # A stable name per host and process lets a restarted worker find its own pending entries.
+    return os.environ.get("HOSTNAME") or socket.gethostname()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the platform. Field `x` is read from `TOKENMILL_X`."""
+
+    # Empty URLs mean: start the embedded PostgreSQL and Redis under `data_dir`.
+    database_url: str = ""
+    redis_url: str = ""
+    data_dir: str = field(default_factory=_default_data_dir)
+    # Every stream, group and key name starts with this, so two deployments (or two test
+    # runs) can share one Redis without seeing each other's traffic.
+    stream_prefix: str = "tm"
+    region: str = "eu-west"
+    consumer: str = field(default_factory=_default_consumer)
+
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+
+    model: str = "smollm2"
+    model_cache_dir: str = ""
+    device: str = "auto"
+    max_prompt_chars: int = 32_000
+    max_tokens_limit: int = 2048
+    chat_wait_s: float = 120.0
+
+    # Delivery limits: an entry idle this long is reclaimed from a dead consumer, and one
+    # delivered this many times goes to the dead-letter stream instead of being retried.
+    claim_idle_ms: int = 30_000
+    max_deliveries: int = 5
+    read_batch_max: int = 16
+    stream_maxlen: int = 1_000_000
+    outbox_batch_max: int = 100
+    outbox_poll_s: float = 1.0
+
+    meter: str = "auto"
+    cpu_tdp_w: float = 65.0
+    cpu_idle_w: float = 10.0
+    power_sample_interval_s: float = 5.0
+
+    db_pool_min: int = 1
+    db_pool_max: int = 10
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _parse(raw, f.type)
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def model_cache_path(self) -> Path:
+        return Path(self.model_cache_dir or Path(self.data_dir) / "models")
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that reproduces these settings in a child process."""
+        return {ENV_PREFIX + f.name.upper(): str(getattr(self, f.name)) for f in fields(self)}
+
+
+def _parse(raw: str, type_name: object) -> object:
+    if type_name in (int, "int"):
+        return int(raw)
+    if type_name in (float, "float"):
+        return float(raw)
+    return raw

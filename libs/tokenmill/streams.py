@@ -1,0 +1,228 @@
+"""Stream names, consumer-group bootstrap, publishing, and at-least-once consumption.
+
+Delivery model: every consumer group reads new entries with XREADGROUP and, beside that
+reader, runs a claimer (XAUTOCLAIM) that takes over entries left pending by a consumer that
+died. An entry is acknowledged only after its handler committed; an entry delivered more than
+`max_deliveries` times, or one that does not parse as an event, is moved to the stream's
+dead-letter stream with its reason and acknowledged, so one bad entry never blocks a group.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from faststream import AckPolicy
+from faststream.redis import Redis, RedisBroker, RedisStreamMessage, StreamSub
+from pydantic import ValidationError
+from redis.asyncio import Redis as RedisClient
+from redis.exceptions import ResponseError
+from tokenmill import tracing
+from tokenmill.events import Event, parse_event
+from tokenmill.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# How long a reader blocks in XREADGROUP, and how long a claimer sleeps after a scan that
+# found nothing idle. Short enough for sub-second hand-offs between services.
+POLL_INTERVAL_MS = 100
+
+
+@dataclass(frozen=True)
+class Streams:
+    """Every stream name, derived from one prefix so deployments and test runs never mix."""
+
+    prefix: str
+
+    def jobs(self, region: str) -> str:
+        return f"{self.prefix}.jobs.{region}"
+
+    @property
+    def progress(self) -> str:
+        return f"{self.prefix}.progress"
+
+    @property
+    def completions(self) -> str:
+        return f"{self.prefix}.completions"
+
+    @property
+    def quality(self) -> str:
+        return f"{self.prefix}.quality"
+
+    @property
+    def power(self) -> str:
+        return f"{self.prefix}.power"
+
+    @property
+    def booked(self) -> str:
+        return f"{self.prefix}.booked"
+
+    @staticmethod
+    def dead_letters(stream: str) -> str:
+        return f"{stream}.dlq"
+
+    def groups(self, region: str) -> list[tuple[str, str]]:
+        """Every (stream, consumer group) pair of the platform, for bootstrap."""
+        return [
+            (self.jobs(region), "worker"),
+            (self.progress, "intake"),
+            (self.completions, "intake"),
+            (self.completions, "inspector"),
+            (self.completions, "ledger"),
+            (self.quality, "ledger"),
+            (self.power, "ledger"),
+            (self.booked, "intake"),
+        ]
+
+
+async def create_groups(redis: RedisClient, pairs: list[tuple[str, str]]) -> None:
+    """Create each consumer group at the start of its stream, before any consumer runs.
+
+    A group created at "0" sees every entry already in the stream, so nothing published
+    before the first consumer started is skipped (FastStream would create it at "$").
+    """
+    for stream, group in pairs:
+        try:
+            await redis.xgroup_create(stream, group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+
+async def publish(broker: RedisBroker, stream: str, body: str, headers: dict[str, str]) -> None:
+    # No MAXLEN here: Redis is transport, not the record, and trimming by length could drop
+    # entries some group has not acknowledged yet.
+    await broker.publish(body, stream=stream, headers=headers)
+
+
+async def publish_event(broker: RedisBroker, stream: str, event: Event) -> None:
+    await publish(broker, stream, event.canonical_json(), event_headers(event))
+
+
+def event_headers(event: Event) -> dict[str, str]:
+    return {"event_id": event.event_id, "event_type": event.type, **tracing.inject()}
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One delivery of one stream entry to one consumer of a group."""
+
+    stream: str
+    group: str
+    consumer: str
+    entry_id: str
+    redis: RedisClient
+
+    async def keep_alive(self) -> None:
+        """Reset the entry's idle time so claimers leave a long-running job alone.
+
+        XCLAIM with JUSTID and a zero idle threshold re-claims the entry for its current
+        owner without counting a new delivery.
+        """
+        await self.redis.xclaim(
+            self.stream, self.group, self.consumer, 0, [self.entry_id], justid=True
+        )
+
+    async def ack(self) -> None:
+        await self.redis.xack(self.stream, self.group, self.entry_id)
+
+    async def dead_letter(self, reason: str, raw: bytes) -> None:
+        """Move the entry to the dead-letter stream and acknowledge it, atomically."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(
+                Streams.dead_letters(self.stream),
+                {
+                    "stream": self.stream,
+                    "group": self.group,
+                    "entry_id": self.entry_id,
+                    "reason": reason[:2000],
+                    "failed_at": datetime.now(UTC).isoformat(),
+                    "data": raw,
+                },
+            )
+            pipe.xack(self.stream, self.group, self.entry_id)
+            await pipe.execute()
+        log.error("dead-lettered %s %s for %s: %s", self.stream, self.entry_id, self.group, reason)
+
+
+EventHandler = Callable[[Event, Delivery], Awaitable[None]]
+
+
+def consume(
+    broker: RedisBroker,
+    settings: Settings,
+    stream: str,
+    group: str,
+    handler: EventHandler,
+    *,
+    max_records: int | None = None,
+) -> None:
+    """Subscribe `handler` to `stream` for `group`: a reader for new entries and a claimer."""
+    records = max_records or settings.read_batch_max
+
+    async def on_new(msg: RedisStreamMessage, redis: Redis) -> None:
+        await _deliver(msg, _delivery(msg, redis), handler)
+
+    async def on_claimed(msg: RedisStreamMessage, redis: Redis) -> None:
+        delivery = _delivery(msg, redis)
+        deliveries = await _delivery_count(delivery)
+        if deliveries > settings.max_deliveries:
+            reason = f"delivered {deliveries} times (limit {settings.max_deliveries})"
+            await delivery.dead_letter(reason, _raw(msg))
+            return
+        await _deliver(msg, delivery, handler)
+
+    def _delivery(msg: RedisStreamMessage, redis: RedisClient) -> Delivery:
+        entry_id = msg.raw_message["message_ids"][0]
+        entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        return Delivery(stream, group, settings.consumer, entry_id, redis)
+
+    reader = StreamSub(
+        stream,
+        group=group,
+        consumer=settings.consumer,
+        max_records=records,
+        polling_interval=POLL_INTERVAL_MS,
+    )
+    claimer = StreamSub(
+        stream,
+        group=group,
+        consumer=settings.consumer,
+        min_idle_time=settings.claim_idle_ms,
+        polling_interval=max(POLL_INTERVAL_MS, settings.claim_idle_ms // 4),
+    )
+    broker.subscriber(stream=reader, ack_policy=AckPolicy.MANUAL)(on_new)
+    broker.subscriber(stream=claimer, ack_policy=AckPolicy.MANUAL)(on_claimed)
+
+
+async def _deliver(msg: RedisStreamMessage, delivery: Delivery, handler: EventHandler) -> None:
+    try:
+        event = parse_event(msg.body)
+    except (ValidationError, ValueError) as exc:
+        await delivery.dead_letter(f"malformed event: {exc}", _raw(msg))
+        return
+    try:
+        with tracing.consumer_span(f"{delivery.group} {event.type}", msg.headers):
+            await handler(event, delivery)
+    except Exception:
+        # Left unacknowledged on purpose: the entry stays pending and a claimer retries it
+        # after `claim_idle_ms`, until `max_deliveries` sends it to the dead letters.
+        log.exception("handler %s failed on %s %s", delivery.group, delivery.stream, event.event_id)
+        return
+    await delivery.ack()
+
+
+async def _delivery_count(delivery: Delivery) -> int:
+    pending = await delivery.redis.xpending_range(
+        delivery.stream, delivery.group, min=delivery.entry_id, max=delivery.entry_id, count=1
+    )
+    # An entry acknowledged meanwhile is no longer pending; treat it as a first delivery and
+    # let the idempotent handler see it again harmlessly.
+    return int(pending[0]["times_delivered"]) if pending else 1
+
+
+def _raw(msg: RedisStreamMessage) -> bytes:
+    body = msg.body
+    return body if isinstance(body, bytes) else str(body).encode()

@@ -1,0 +1,209 @@
+"""The intake's HTTP API: the async job API, the OpenAI-compatible routes, usage."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from tokenmill import service, tracing
+from tokenmill.intake import jobs, views
+from tokenmill.intake.keys import Customer, authenticate
+from tokenmill.intake.requests import Api, GenerationRequest, InvalidRequest, validate
+from tokenmill.settings import Settings
+
+log = logging.getLogger(__name__)
+
+OPENAI_PREFIXES = ("/v1/chat/", "/v1/completions", "/v1/models")
+IDEMPOTENCY_KEY_CHARS_MAX = 255
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.code, self.message, self.param = status, code, message, param
+        self.headers = headers or {}
+
+
+def error_response(request: Request, error: ApiError) -> JSONResponse:
+    """OpenAI-shaped errors on the OpenAI routes, RFC 9457 problem details everywhere else."""
+    if request.url.path.startswith(OPENAI_PREFIXES):
+        kind = "invalid_request_error" if error.status < 500 else "server_error"
+        if error.status == 401:
+            kind = "authentication_error"
+        body: dict[str, Any] = {
+            "error": {
+                "message": error.message,
+                "type": kind,
+                "param": error.param,
+                "code": error.code,
+            }
+        }
+        return JSONResponse(body, status_code=error.status, headers=error.headers)
+    problem = {
+        "type": f"https://tokenmill.dev/problems/{error.code}",
+        "title": error.code.replace("_", " "),
+        "status": error.status,
+        "detail": error.message,
+    }
+    if error.param:
+        problem["param"] = error.param
+    return JSONResponse(
+        problem,
+        status_code=error.status,
+        headers=error.headers,
+        media_type="application/problem+json",
+    )
+
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
+    first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid":
+        return ApiError(400, "malformed_json", "the request body is not valid JSON")
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    field = ".".join(location) or None
+    return ApiError(
+        400, "invalid_request", f"{field or 'body'}: {first.get('msg', 'invalid')}", field
+    )
+
+
+def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with service.running("intake", settings, wire) as runtime:
+            app.state.runtime = runtime
+            app.state.waiter = jobs.CompletionWaiter(runtime.db)
+            await app.state.waiter.start()
+            try:
+                yield
+            finally:
+                await app.state.waiter.stop()
+
+    app = FastAPI(title="tokenmill intake", version="0.1.0", lifespan=lifespan)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(request, _validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else "http_error"
+        return error_response(request, ApiError(exc.status_code, code, str(exc.detail)))
+
+    async def customer(
+        request: Request, authorization: Annotated[str | None, Header()] = None
+    ) -> Customer:
+        scheme, _, key = (authorization or "").partition(" ")
+        found = None
+        if scheme.lower() == "bearer" and key:
+            found = await authenticate(request.app.state.runtime.db, key.strip())
+        if found is None:
+            raise ApiError(
+                401,
+                "invalid_api_key",
+                "missing or invalid API key; send Authorization: Bearer <key>",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return found
+
+    CustomerDep = Annotated[Customer, Depends(customer)]
+    IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key")]
+
+    async def accept(
+        request: Request, who: Customer, body: GenerationRequest, api: Api, key: str | None
+    ):
+        if key is not None and not 0 < len(key) <= IDEMPOTENCY_KEY_CHARS_MAX:
+            raise ApiError(400, "invalid_request", "Idempotency-Key must be 1 to 255 characters")
+        try:
+            checked = validate(body, api, settings)
+        except InvalidRequest as exc:
+            raise ApiError(400, "invalid_request", str(exc), exc.param) from exc
+        runtime = request.app.state.runtime
+        with tracing.span(f"intake submit {api}"):
+            try:
+                return await jobs.submit(
+                    runtime.db, runtime.streams, who, checked, api, settings.model, key
+                )
+            except jobs.IdempotencyConflict as exc:
+                raise ApiError(
+                    409,
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was already used with a different request body",
+                ) from exc
+
+    async def finished(request: Request, who: Customer, row) -> Any:
+        row = await request.app.state.waiter.wait(who, row["request_id"], settings.chat_wait_s)
+        if row["status"] == "failed":
+            raise ApiError(400, "generation_failed", row["error"] or "the job failed")
+        if row["status"] != "completed":
+            raise ApiError(
+                504,
+                "timeout",
+                f"job {row['request_id']} is still {row['status']}; it will complete and "
+                f"can be read at /v1/jobs/{row['request_id']}",
+            )
+        return row
+
+    @app.post("/v1/jobs", status_code=202)
+    async def submit_job(
+        request: Request, body: GenerationRequest, who: CustomerDep, key: IdempotencyKey = None
+    ) -> JSONResponse:
+        row, created = await accept(request, who, body, "jobs", key)
+        return JSONResponse(
+            views.job(row),
+            status_code=202 if created else 200,
+            headers={"Location": f"/v1/jobs/{row['request_id']}"},
+        )
+
+    @app.get("/v1/jobs/{job_id}")
+    async def get_job(request: Request, job_id: str, who: CustomerDep) -> dict[str, Any]:
+        row = await jobs.find(request.app.state.runtime.db, who, job_id)
+        if row is None:
+            raise ApiError(404, "not_found", f"no job {job_id}")
+        return views.job(row)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(
+        request: Request, body: GenerationRequest, who: CustomerDep, key: IdempotencyKey = None
+    ) -> dict[str, Any]:
+        row, _ = await accept(request, who, body, "chat", key)
+        return views.chat_completion(await finished(request, who, row))
+
+    @app.post("/v1/completions")
+    async def completions(
+        request: Request, body: GenerationRequest, who: CustomerDep, key: IdempotencyKey = None
+    ) -> dict[str, Any]:
+        row, _ = await accept(request, who, body, "completions", key)
+        return views.text_completion(await finished(request, who, row))
+
+    @app.get("/v1/models")
+    async def models(who: CustomerDep) -> dict[str, Any]:
+        model = {"id": settings.model, "object": "model", "created": 0, "owned_by": "tokenmill"}
+        return {"object": "list", "data": [model]}
+
+    @app.get("/v1/usage")
+    async def usage(request: Request, who: CustomerDep) -> dict[str, Any]:
+        rows = await jobs.usage_by_tier(request.app.state.runtime.db, who)
+        return views.usage(who.customer_id, rows)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app

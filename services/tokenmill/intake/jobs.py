@@ -1,0 +1,245 @@
+"""The intake's records: accepting a job with its outbox event, and following it to the books."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+from tokenmill.events import (
+    ChatMessage,
+    JobCompleted,
+    JobFailed,
+    JobStarted,
+    JobSubmitted,
+    UsageBooked,
+    new_id,
+)
+from tokenmill.intake.keys import Customer
+from tokenmill.intake.requests import Api, GenerationRequest, fingerprint
+from tokenmill.outbox import enqueue
+from tokenmill.streams import Streams
+
+SCHEMA = "intake"
+JOB_DONE_CHANNEL = "intake_job_done"
+
+
+class IdempotencyConflict(Exception):
+    """The idempotency key was used before with a different request body."""
+
+
+async def submit(
+    pool: asyncpg.Pool,
+    streams: Streams,
+    customer: Customer,
+    request: GenerationRequest,
+    api: Api,
+    model: str,
+    idempotency_key: str | None,
+) -> tuple[asyncpg.Record, bool]:
+    """Record the request and queue its job event in one transaction.
+
+    Returns the request row and whether it was created now. A repeated idempotency key returns
+    the first request's row and queues nothing, so a retried POST is never run or billed twice.
+    """
+    request_sha256 = fingerprint(request, api)
+    event = JobSubmitted(
+        producer="intake",
+        customer_id=customer.customer_id,
+        request_id=f"job_{new_id()}",
+        region=customer.region,
+        tier=customer.tier,
+        model=model,
+        prompt=request.prompt,
+        messages=tuple(request.messages) if request.messages else None,
+        max_tokens=request.max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        stop=tuple(request.stop or ()),
+        seed=request.seed,
+    )
+    async with pool.acquire() as conn, conn.transaction():
+        row = await _insert_request(conn, event, api, idempotency_key, request_sha256)
+        if row is None:
+            existing = await conn.fetchrow(
+                "SELECT * FROM intake.requests WHERE customer_id = $1 AND idempotency_key = $2",
+                customer.customer_id,
+                idempotency_key,
+            )
+            assert existing is not None, "a conflicting row must exist"
+            if existing["request_sha256"] != request_sha256:
+                raise IdempotencyConflict(idempotency_key)
+            return existing, False
+        await enqueue(conn, SCHEMA, streams.jobs(customer.region), event)
+        return row, True
+
+
+async def _insert_request(
+    conn: asyncpg.Connection,
+    event: JobSubmitted,
+    api: Api,
+    idempotency_key: str | None,
+    request_sha256: str,
+) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "INSERT INTO intake.requests (request_id, customer_id, tier, region, model, api, "
+        "idempotency_key, request_sha256, prompt, messages, max_tokens, submitted_at) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) "
+        "ON CONFLICT (customer_id, idempotency_key) DO NOTHING RETURNING *",
+        event.request_id,
+        event.customer_id,
+        event.tier,
+        event.region,
+        event.model,
+        api,
+        idempotency_key,
+        request_sha256,
+        event.prompt,
+        [m.model_dump() for m in event.messages] if event.messages else None,
+        event.max_tokens,
+        event.occurred_at,
+    )
+
+
+async def find(pool: asyncpg.Pool, customer: Customer, request_id: str) -> asyncpg.Record | None:
+    # Scoped by customer: another tenant's job is indistinguishable from a missing one.
+    return await pool.fetchrow(
+        "SELECT * FROM intake.requests WHERE request_id = $1 AND customer_id = $2",
+        request_id,
+        customer.customer_id,
+    )
+
+
+async def mark_started(conn: asyncpg.Connection, event: JobStarted) -> None:
+    await conn.execute(
+        "UPDATE intake.requests SET status = 'running', started_at = $2 "
+        "WHERE request_id = $1 AND status = 'queued'",
+        event.request_id,
+        event.occurred_at,
+    )
+
+
+async def mark_completed(conn: asyncpg.Connection, event: JobCompleted) -> None:
+    # Only the first completion counts; a re-run after a worker crash changes nothing.
+    updated = await conn.execute(
+        "UPDATE intake.requests SET status = 'completed', started_at = coalesce(started_at, $2), "
+        "completed_at = $3, output_text = $4, finish_reason = $5, prompt_tokens = $6, "
+        "completion_tokens = $7, queue_ms = $8, ttft_ms = $9, e2e_ms = $10, energy_j = $11, "
+        "meter = $12, energy_estimated = $13 "
+        "WHERE request_id = $1 AND status IN ('queued', 'running')",
+        event.request_id,
+        event.submitted_at,
+        event.occurred_at,
+        event.text,
+        event.finish_reason,
+        event.prompt_tokens,
+        event.completion_tokens,
+        event.queue_ms,
+        event.ttft_ms,
+        event.e2e_ms,
+        event.energy.energy_j,
+        event.energy.meter,
+        event.energy.estimated,
+    )
+    if updated != "UPDATE 0":
+        await _notify_done(conn, event.request_id)
+
+
+async def mark_failed(conn: asyncpg.Connection, event: JobFailed) -> None:
+    await conn.execute(
+        "UPDATE intake.requests SET status = 'failed', completed_at = $2, error = $3 "
+        "WHERE request_id = $1 AND status IN ('queued', 'running')",
+        event.request_id,
+        event.occurred_at,
+        event.reason,
+    )
+    await _notify_done(conn, event.request_id)
+
+
+async def mark_booked(conn: asyncpg.Connection, event: UsageBooked) -> None:
+    await conn.execute(
+        "UPDATE intake.requests SET booked_at = $2, cost = $3, revenue = $4, currency = $5 "
+        "WHERE request_id = $1 AND booked_at IS NULL",
+        event.request_id,
+        event.occurred_at,
+        event.cost,
+        event.revenue,
+        event.currency,
+    )
+
+
+async def _notify_done(conn: asyncpg.Connection, request_id: str) -> None:
+    await conn.execute("SELECT pg_notify($1, $2)", JOB_DONE_CHANNEL, request_id)
+
+
+async def usage_by_tier(pool: asyncpg.Pool, customer: Customer) -> list[asyncpg.Record]:
+    return await pool.fetch(
+        "SELECT tier, count(*) AS requests, "
+        "count(*) FILTER (WHERE status = 'completed') AS completed, "
+        "coalesce(sum(prompt_tokens), 0) AS prompt_tokens, "
+        "coalesce(sum(completion_tokens), 0) AS completion_tokens, "
+        "coalesce(sum(energy_j), 0) AS energy_j, "
+        "count(*) FILTER (WHERE booked_at IS NOT NULL) AS booked, "
+        "coalesce(sum(cost), 0) AS cost, coalesce(sum(revenue), 0) AS revenue "
+        "FROM intake.requests WHERE customer_id = $1 GROUP BY tier ORDER BY tier",
+        customer.customer_id,
+    )
+
+
+class CompletionWaiter:
+    """Wakes HTTP handlers waiting for a job, whichever intake replica consumed its completion.
+
+    The replica that records a completion sends NOTIFY; every replica listens and wakes its
+    own waiters. A slow poll covers a notification missed during a reconnect.
+    """
+
+    POLL_S = 1.0
+
+    def __init__(self, pool: asyncpg.Pool):
+        self._pool = pool
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._listener: asyncpg.Connection | None = None
+
+    async def start(self) -> None:
+        self._listener = await self._pool.acquire()
+        await self._listener.add_listener(JOB_DONE_CHANNEL, self._on_notify)
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            await self._listener.remove_listener(JOB_DONE_CHANNEL, self._on_notify)
+            await self._pool.release(self._listener)
+
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, request_id: str) -> None:
+        for event in self._waiters.get(request_id, ()):
+            event.set()
+
+    async def wait(self, customer: Customer, request_id: str, timeout_s: float) -> asyncpg.Record:
+        """The request's row once it has finished, or the latest row when `timeout_s` ran out."""
+        wake = asyncio.Event()
+        self._waiters.setdefault(request_id, set()).add(wake)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        try:
+            while True:
+                row = await find(self._pool, customer, request_id)
+                assert row is not None, request_id
+                remaining_s = deadline - loop.time()
+                if row["status"] in ("completed", "failed") or remaining_s <= 0:
+                    return row
+                wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), min(self.POLL_S, remaining_s))
+        finally:
+            self._waiters[request_id].discard(wake)
+            if not self._waiters[request_id]:
+                del self._waiters[request_id]
+
+
+def chat_messages(row: asyncpg.Record) -> list[ChatMessage] | None:
+    return [ChatMessage(**m) for m in row["messages"]] if row["messages"] else None
+
+
+def money(value: Decimal | None) -> str | None:
+    return None if value is None else format(value.normalize(), "f")

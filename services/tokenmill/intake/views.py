@@ -1,0 +1,120 @@
+"""How the intake's records look on the wire: job views, OpenAI responses, usage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+from tokenmill.intake.jobs import money
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _usage(row: asyncpg.Record) -> dict[str, int] | None:
+    if row["prompt_tokens"] is None:
+        return None
+    return {
+        "prompt_tokens": row["prompt_tokens"],
+        "completion_tokens": row["completion_tokens"],
+        "total_tokens": row["prompt_tokens"] + row["completion_tokens"],
+    }
+
+
+def job(row: asyncpg.Record) -> dict[str, Any]:
+    done = row["status"] == "completed"
+    return {
+        "id": row["request_id"],
+        "object": "job",
+        "status": row["status"],
+        "model": row["model"],
+        "tier": row["tier"],
+        "region": row["region"],
+        "max_tokens": row["max_tokens"],
+        "created_at": _iso(row["submitted_at"]),
+        "started_at": _iso(row["started_at"]),
+        "completed_at": _iso(row["completed_at"]),
+        "booked_at": _iso(row["booked_at"]),
+        "output": {"text": row["output_text"], "finish_reason": row["finish_reason"]}
+        if done
+        else None,
+        "usage": _usage(row),
+        "timings": {
+            "queue_ms": row["queue_ms"],
+            "ttft_ms": row["ttft_ms"],
+            "total_ms": row["e2e_ms"],
+        }
+        if done
+        else None,
+        "energy": {
+            "joules": money(row["energy_j"]),
+            "meter": row["meter"],
+            "estimated": row["energy_estimated"],
+        }
+        if done
+        else None,
+        "billing": {
+            "cost": money(row["cost"]),
+            "revenue": money(row["revenue"]),
+            "currency": row["currency"],
+        }
+        if row["booked_at"] is not None
+        else None,
+        "error": row["error"],
+    }
+
+
+def chat_completion(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{row['request_id']}",
+        "object": "chat.completion",
+        "created": int(row["submitted_at"].timestamp()),
+        "model": row["model"],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": row["output_text"]},
+                "logprobs": None,
+                "finish_reason": row["finish_reason"],
+            }
+        ],
+        "usage": _usage(row),
+    }
+
+
+def text_completion(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "id": f"cmpl-{row['request_id']}",
+        "object": "text_completion",
+        "created": int(row["submitted_at"].timestamp()),
+        "model": row["model"],
+        "choices": [
+            {
+                "index": 0,
+                "text": row["output_text"],
+                "logprobs": None,
+                "finish_reason": row["finish_reason"],
+            }
+        ],
+        "usage": _usage(row),
+    }
+
+
+def usage(customer_id: str, rows: list[asyncpg.Record]) -> dict[str, Any]:
+    tiers = [
+        {
+            "tier": r["tier"],
+            "requests": r["requests"],
+            "completed": r["completed"],
+            "booked": r["booked"],
+            "prompt_tokens": r["prompt_tokens"],
+            "completion_tokens": r["completion_tokens"],
+            "total_tokens": r["prompt_tokens"] + r["completion_tokens"],
+            "energy_j": money(r["energy_j"]),
+            "cost": money(r["cost"]),
+            "revenue": money(r["revenue"]),
+        }
+        for r in rows
+    ]
+    return {"object": "usage", "customer_id": customer_id, "currency": "USD", "tiers": tiers}

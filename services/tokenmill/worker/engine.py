@@ -1,0 +1,95 @@
+"""Runs jobs on the model one at a time and meters each one's energy and device time."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import datetime
+
+from tokenmill.events import EnergyReading, JobCompleted, JobFailed, JobSubmitted, utc_now
+from tokenmill.meters import Meter
+from tokenmill.money import to_decimal
+from tokenmill.worker.model import ModelRunner, SamplingParams
+
+
+def elapsed_ms(start: datetime, end: datetime) -> float:
+    return max(0.0, (end - start).total_seconds() * 1000)
+
+
+class Engine:
+    """One job at a time: the energy counted between a job's start and end is that job's alone.
+
+    The continuous-batching engine replaces this and splits each step's energy across the
+    requests in the step.
+    """
+
+    def __init__(self, runner: ModelRunner, meter: Meter, worker: str):
+        self.runner = runner
+        self.meter = meter
+        self.worker = worker
+        self._busy = threading.Lock()
+
+    def run(self, job: JobSubmitted, on_token: Callable[[int], None] | None = None):
+        messages = [m.model_dump() for m in job.messages] if job.messages else None
+        prompt_ids = self.runner.encode(job.prompt, messages)
+        if len(prompt_ids) >= self.runner.max_model_len:
+            return self._failed(
+                job,
+                f"prompt is {len(prompt_ids)} tokens; the model's context "
+                f"is {self.runner.max_model_len}",
+            )
+        params = SamplingParams(
+            max_tokens=job.max_tokens,
+            temperature=job.temperature,
+            top_p=job.top_p,
+            stop=job.stop,
+            seed=job.seed,
+        )
+        with self._busy:
+            started_at = utc_now()
+            energy_before_j = self.meter.energy_j()
+            generation = self.runner.generate(prompt_ids, params, on_token)
+            energy_after_j = self.meter.energy_j()
+            finished_at = utc_now()
+        assert energy_after_j >= energy_before_j, "meters count up"
+        assert generation.completion_tokens <= job.max_tokens, generation
+        queue_ms = elapsed_ms(job.occurred_at, started_at)
+        return JobCompleted(
+            producer="worker",
+            customer_id=job.customer_id,
+            request_id=job.request_id,
+            region=job.region,
+            occurred_at=finished_at,
+            tier=job.tier,
+            submitted_at=job.occurred_at,
+            worker=self.worker,
+            model=self.runner.name,
+            device=self.runner.device,
+            prompt=job.prompt,
+            messages=job.messages,
+            max_tokens=job.max_tokens,
+            text=generation.text,
+            finish_reason=generation.finish_reason,
+            prompt_tokens=generation.prompt_tokens,
+            completion_tokens=generation.completion_tokens,
+            queue_ms=queue_ms,
+            ttft_ms=queue_ms + generation.ttft_s * 1000,
+            generation_ms=generation.generation_s * 1000,
+            e2e_ms=elapsed_ms(job.occurred_at, finished_at),
+            compute_s=to_decimal(round(generation.generation_s, 6)),
+            energy=EnergyReading(
+                energy_j=energy_after_j - energy_before_j,
+                meter=self.meter.name,
+                estimated=self.meter.estimated,
+            ),
+        )
+
+    def _failed(self, job: JobSubmitted, reason: str) -> JobFailed:
+        return JobFailed(
+            producer="worker",
+            customer_id=job.customer_id,
+            request_id=job.request_id,
+            region=job.region,
+            worker=self.worker,
+            reason=reason,
+        )

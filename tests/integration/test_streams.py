@@ -1,0 +1,128 @@
+"""At-least-once consumption on real Redis: redelivery, reclaim from a dead consumer, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from redis.asyncio import Redis as RedisClient
+
+from tokenmill import service
+from tokenmill.events import Event, JobStarted
+from tokenmill.settings import Settings
+from tokenmill.streams import Delivery, Streams, consume
+
+WAIT_S_MAX = 15.0
+
+
+def started(request_id: str) -> JobStarted:
+    return JobStarted(
+        producer="test", customer_id="cus_1", request_id=request_id, region="eu-west",
+        worker="w", queue_ms=1.0,
+    )
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = WAIT_S_MAX) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+def consumer_of(stream: str, handler) -> service.Wiring:
+    async def wire(rt: service.Runtime):
+        consume(rt.broker, rt.settings, stream, "intake", handler)
+        return []
+
+    return wire
+
+
+async def test_handler_failure_is_redelivered_until_it_succeeds(
+    test_settings: Settings, redis: RedisClient
+):
+    stream = Streams(test_settings.stream_prefix).progress
+    seen: list[str] = []
+
+    async def flaky(event: Event, delivery: Delivery) -> None:
+        seen.append(event.event_id)
+        if len(seen) == 1:
+            raise RuntimeError("first delivery fails")
+
+    event = started("job_a")
+    async with service.running("t", test_settings, consumer_of(stream, flaky), needs_db=False):
+        await redis.xadd(stream, {"__data__": event.canonical_json()})
+        await eventually(lambda: _done(redis, stream, "intake", seen, 2))
+    assert seen == [event.event_id, event.event_id]
+    assert await redis.xlen(Streams.dead_letters(stream)) == 0
+
+
+async def _done(redis: RedisClient, stream: str, group: str, seen: list, count: int) -> bool:
+    pending = await redis.xpending(stream, group)
+    return len(seen) >= count and pending["pending"] == 0
+
+
+async def test_entry_of_a_dead_consumer_is_claimed_and_handled(
+    test_settings: Settings, redis: RedisClient
+):
+    stream = Streams(test_settings.stream_prefix).progress
+    event = started("job_b")
+    await redis.xadd(stream, {"__data__": event.canonical_json()})
+    # A consumer reads the entry and dies before acknowledging it.
+    await redis.xreadgroup("intake", "dead-consumer", {stream: ">"}, count=1)
+    assert (await redis.xpending(stream, "intake"))["pending"] == 1
+
+    handled: list[str] = []
+
+    async def record(event: Event, delivery: Delivery) -> None:
+        handled.append(event.event_id)
+
+    async with service.running("t", test_settings, consumer_of(stream, record), needs_db=False):
+        await eventually(lambda: _done(redis, stream, "intake", handled, 1))
+    assert handled == [event.event_id]
+
+
+async def test_malformed_entry_goes_to_dead_letters_and_consumer_goes_on(
+    test_settings: Settings, redis: RedisClient
+):
+    stream = Streams(test_settings.stream_prefix).progress
+    handled: list[str] = []
+
+    async def record(event: Event, delivery: Delivery) -> None:
+        handled.append(event.request_id)
+
+    async with service.running("t", test_settings, consumer_of(stream, record), needs_db=False):
+        await redis.xadd(stream, {"__data__": b"{not json"})
+        await redis.xadd(stream, {"__data__": b'{"type": "job.started", "request_id": 7}'})
+        await redis.xadd(stream, {"__data__": started("job_ok").canonical_json()})
+        await eventually(lambda: _done(redis, stream, "intake", handled, 1))
+        dlq = Streams.dead_letters(stream)
+        await eventually(lambda: _length_is(redis, dlq, 2))
+    entries = await redis.xrange(dlq)
+    reasons = [fields[b"reason"].decode() for _, fields in entries]
+    assert all(reason.startswith("malformed event") for reason in reasons), reasons
+    assert entries[0][1][b"data"] == b"{not json"
+    assert handled == ["job_ok"]
+
+
+async def _length_is(redis: RedisClient, stream: str, length: int) -> bool:
+    return await redis.xlen(stream) == length
+
+
+async def test_entry_that_always_fails_is_dead_lettered_after_max_deliveries(
+    test_settings: Settings, redis: RedisClient
+):
+    stream = Streams(test_settings.stream_prefix).progress
+    attempts: list[str] = []
+
+    async def always_fails(event: Event, delivery: Delivery) -> None:
+        attempts.append(event.event_id)
+        raise RuntimeError("poison")
+
+    async with service.running("t", test_settings, consumer_of(stream, always_fails), needs_db=False):
+        await redis.xadd(stream, {"__data__": started("job_poison").canonical_json()})
+        dlq = Streams.dead_letters(stream)
+        await eventually(lambda: _length_is(redis, dlq, 1), timeout_s=30)
+    (_, fields), = await redis.xrange(dlq)
+    assert b"delivered" in fields[b"reason"]
+    assert len(attempts) == test_settings.max_deliveries
+    assert (await redis.xpending(stream, "intake"))["pending"] == 0

@@ -1,32 +1,25 @@
-"""At-least-once consumption on real Redis: redelivery, reclaim from a dead consumer, dead letters."""
+"""At-least-once consumption on real Redis: redelivery, reclaim, dead letters."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
-
 from redis.asyncio import Redis as RedisClient
-
 from tokenmill import service
 from tokenmill.events import Event, JobStarted
 from tokenmill.settings import Settings
 from tokenmill.streams import Delivery, Streams, consume
 
-WAIT_S_MAX = 15.0
+from tests.integration.helpers import eventually
 
 
 def started(request_id: str) -> JobStarted:
     return JobStarted(
-        producer="test", customer_id="cus_1", request_id=request_id, region="eu-west",
-        worker="w", queue_ms=1.0,
+        producer="test",
+        customer_id="cus_1",
+        request_id=request_id,
+        region="eu-west",
+        worker="w",
+        queue_ms=1.0,
     )
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = WAIT_S_MAX) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 def consumer_of(stream: str, handler) -> service.Wiring:
@@ -118,11 +111,13 @@ async def test_entry_that_always_fails_is_dead_lettered_after_max_deliveries(
         attempts.append(event.event_id)
         raise RuntimeError("poison")
 
-    async with service.running("t", test_settings, consumer_of(stream, always_fails), needs_db=False):
+    async with service.running(
+        "t", test_settings, consumer_of(stream, always_fails), needs_db=False
+    ):
         await redis.xadd(stream, {"__data__": started("job_poison").canonical_json()})
         dlq = Streams.dead_letters(stream)
         await eventually(lambda: _length_is(redis, dlq, 1), timeout_s=30)
-    (_, fields), = await redis.xrange(dlq)
+    ((_, fields),) = await redis.xrange(dlq)
     assert b"delivered" in fields[b"reason"]
     assert len(attempts) == test_settings.max_deliveries
     assert (await redis.xpending(stream, "intake"))["pending"] == 0

@@ -79,6 +79,27 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     )
 
 
+async def customer(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> Customer:
+    scheme, _, key = (authorization or "").partition(" ")
+    found = None
+    if scheme.lower() == "bearer" and key:
+        found = await authenticate(request.app.state.runtime.db, key.strip())
+    if found is None:
+        raise ApiError(
+            401,
+            "invalid_api_key",
+            "missing or invalid API key; send Authorization: Bearer <key>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return found
+
+
+CustomerDep = Annotated[Customer, Depends(customer)]
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key")]
+
+
 def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -105,25 +126,6 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else "http_error"
         return error_response(request, ApiError(exc.status_code, code, str(exc.detail)))
-
-    async def customer(
-        request: Request, authorization: Annotated[str | None, Header()] = None
-    ) -> Customer:
-        scheme, _, key = (authorization or "").partition(" ")
-        found = None
-        if scheme.lower() == "bearer" and key:
-            found = await authenticate(request.app.state.runtime.db, key.strip())
-        if found is None:
-            raise ApiError(
-                401,
-                "invalid_api_key",
-                "missing or invalid API key; send Authorization: Bearer <key>",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        return found
-
-    CustomerDep = Annotated[Customer, Depends(customer)]
-    IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key")]
 
     async def accept(
         request: Request, who: Customer, body: GenerationRequest, api: Api, key: str | None

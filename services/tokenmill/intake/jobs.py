@@ -9,7 +9,6 @@ from typing import Any
 
 import asyncpg
 from tokenmill.events import (
-    ChatMessage,
     JobCompleted,
     JobFailed,
     JobStarted,
@@ -235,10 +234,6 @@ class CompletionWaiter:
             self._waiters[request_id].discard(wake)
             if not self._waiters[request_id]:
                 del self._waiters[request_id]
-
-
-def chat_messages(row: asyncpg.Record) -> list[ChatMessage] | None:
-    return [ChatMessage(**m) for m in row["messages"]] if row["messages"] else None
 
 
 def money(value: Decimal | None) -> str | None:

@@ -30,27 +30,27 @@ class Engine:
         self._busy = threading.Lock()
 
     def run(self, job: JobSubmitted, on_token: Callable[[int], None] | None = None):
+        """Run `job` to a JobCompleted, or to a JobFailed when the model cannot take it."""
         messages = [m.model_dump() for m in job.messages] if job.messages else None
-        prompt_ids = self.runner.encode(job.prompt, messages)
-        if len(prompt_ids) >= self.runner.max_model_len:
-            return self._failed(
-                job,
-                f"prompt is {len(prompt_ids)} tokens; the model's context "
-                f"is {self.runner.max_model_len}",
+        try:
+            prompt_ids = self.runner.encode(job.prompt, messages)
+            params = SamplingParams(
+                max_tokens=job.max_tokens,
+                temperature=job.temperature,
+                top_p=job.top_p,
+                stop=job.stop,
+                seed=job.seed,
             )
-        params = SamplingParams(
-            max_tokens=job.max_tokens,
-            temperature=job.temperature,
-            top_p=job.top_p,
-            stop=job.stop,
-            seed=job.seed,
-        )
-        with self._busy:
-            started_at = utc_now()
-            energy_before_j = self.meter.energy_j()
-            generation = self.runner.generate(prompt_ids, params, on_token)
-            energy_after_j = self.meter.energy_j()
-            finished_at = utc_now()
+            with self._busy:
+                started_at = utc_now()
+                energy_before_j = self.meter.energy_j()
+                generation = self.runner.generate(prompt_ids, params, on_token)
+                energy_after_j = self.meter.energy_j()
+                finished_at = utc_now()
+        except ValueError as exc:
+            # The model refuses this input (a prompt that fills its whole context, say):
+            # retrying cannot help, so the job fails and is never billed.
+            return self._failed(job, str(exc))
         assert energy_after_j >= energy_before_j, "meters count up"
         assert generation.completion_tokens <= job.max_tokens, generation
         queue_ms = elapsed_ms(job.occurred_at, started_at)

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 from redis.asyncio import Redis as RedisClient
+
 from tokenmill.db import create_pool, migrate
 from tokenmill.events import new_id
 from tokenmill.settings import Settings

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
+
 from tokenmill.events import Event
 from tokenmill.settings import Settings
 

@@ -14,6 +14,7 @@ from decimal import Decimal
 from typing import Protocol
 
 import psutil
+
 from tokenmill.money import to_decimal
 from tokenmill.settings import Settings
 

@@ -16,6 +16,7 @@ import re
 from collections.abc import Awaitable, Callable
 
 import asyncpg
+
 from tokenmill.events import Event
 from tokenmill.settings import Settings
 from tokenmill.streams import event_headers

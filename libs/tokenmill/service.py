@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 from faststream.redis import RedisBroker
 from redis.asyncio import Redis as RedisClient
+
 from tokenmill import tracing
 from tokenmill.db import create_pool
 from tokenmill.outbox import OutboxRelay

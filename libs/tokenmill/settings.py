@@ -15,8 +15,9 @@ def _default_data_dir() -> str:
 
 
 def _default_consumer() -> str:
-    # A stable name per host and process lets a restarted worker find its own pending entries.
-    return os.environ.get("HOSTNAME") or socket.gethostname()
+    # Unique per process, so two services or two workers on one host never share a pending
+    # list. A dead consumer's entries are reclaimed by idle time, whatever its name was.
+    return f"{os.environ.get('HOSTNAME') or socket.gethostname()}-{os.getpid()}"
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from faststream.redis import Redis, RedisBroker, RedisStreamMessage, StreamSub
 from pydantic import ValidationError
 from redis.asyncio import Redis as RedisClient
 from redis.exceptions import ResponseError
+
 from tokenmill import tracing
 from tokenmill.events import Event, parse_event
 from tokenmill.settings import Settings

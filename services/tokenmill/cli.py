@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 from redis.asyncio import Redis as RedisClient
+
 from tokenmill import service
 from tokenmill.db import create_pool, migrate
 from tokenmill.embedded import EmbeddedInfra

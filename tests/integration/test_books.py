@@ -12,6 +12,9 @@ import httpx
 import pytest
 from faststream.redis import RedisBroker
 from redis.asyncio import Redis as RedisClient
+
+from tests.integration.helpers import eventually
+from tests.integration.test_intake_api import auth, new_key
 from tokenmill import service
 from tokenmill.events import EnergyReading, JobCompleted, JobSubmitted, parse_event, utc_now
 from tokenmill.inspector.main import wire as inspector_wire
@@ -21,9 +24,6 @@ from tokenmill.ledger.books import prices_at
 from tokenmill.ledger.main import wire as ledger_wire
 from tokenmill.settings import Settings
 from tokenmill.streams import Streams, publish_event
-
-from tests.integration.helpers import eventually
-from tests.integration.test_intake_api import auth, new_key
 
 
 @pytest.fixture

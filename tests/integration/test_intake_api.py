@@ -9,14 +9,14 @@ import asyncpg
 import httpx
 import pytest
 from redis.asyncio import Redis as RedisClient
+
+from tests.integration.helpers import eventually
 from tokenmill.events import JobSubmitted, parse_event
 from tokenmill.intake.api import create_app
 from tokenmill.intake.keys import create_customer, issue_key
 from tokenmill.intake.main import wire
 from tokenmill.settings import Settings
 from tokenmill.streams import Streams
-
-from tests.integration.helpers import eventually
 
 
 @pytest.fixture

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from redis.asyncio import Redis as RedisClient
+
+from tests.integration.helpers import eventually
 from tokenmill import service
 from tokenmill.events import Event, JobStarted
 from tokenmill.settings import Settings
 from tokenmill.streams import Delivery, Streams, consume
-
-from tests.integration.helpers import eventually
 
 
 def started(request_id: str) -> JobStarted:

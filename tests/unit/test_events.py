@@ -3,6 +3,7 @@ from decimal import Decimal
 
 import pytest
 from pydantic import ValidationError
+
 from tokenmill.events import EnergyReading, JobCompleted, JobStarted, parse_event
 
 

@@ -1,6 +1,7 @@
 from decimal import Decimal
 
 import pytest
+
 from tokenmill.meters import ModelledCpuMeter, ScriptedMeter, create_meter
 from tokenmill.settings import Settings
 

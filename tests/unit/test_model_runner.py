@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from tokenmill.worker import model as model_module
 from tokenmill.worker.model import ModelRunner, SamplingParams
 

@@ -1,6 +1,7 @@
 from decimal import Decimal
 
 import pytest
+
 from tokenmill.ledger.pricing import (
     CostRates,
     TierPrices,

@@ -1,4 +1,5 @@
 import pytest
+
 from tokenmill.intake.requests import GenerationRequest, InvalidRequest, fingerprint, validate
 from tokenmill.settings import Settings
 

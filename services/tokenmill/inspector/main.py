@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncpg
+
 from tokenmill import service
 from tokenmill.db import first_delivery
 from tokenmill.events import Event, JobCompleted, QualitySignal, QualityVerdict

@@ -11,6 +11,7 @@ from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from tokenmill import service, tracing
 from tokenmill.intake import jobs, views
 from tokenmill.intake.keys import Customer, authenticate

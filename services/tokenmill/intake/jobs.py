@@ -8,6 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 import asyncpg
+
 from tokenmill.events import (
     JobCompleted,
     JobFailed,

@@ -7,6 +7,7 @@ import secrets
 from dataclasses import dataclass
 
 import asyncpg
+
 from tokenmill.events import TIERS, new_id
 
 KEY_PREFIX = "tm_"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uvicorn
+
 from tokenmill import service
 from tokenmill.db import first_delivery
 from tokenmill.events import Event, JobCompleted, JobFailed, JobStarted, UsageBooked

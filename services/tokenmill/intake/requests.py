@@ -6,6 +6,7 @@ import hashlib
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
 from tokenmill.events import ChatMessage, canonical_json
 from tokenmill.settings import Settings
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import asyncpg
+
 from tokenmill.intake.jobs import money
 
 

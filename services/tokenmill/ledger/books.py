@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 import asyncpg
+
 from tokenmill.events import Event, JobCompleted, PowerSample, QualityVerdict, UsageBooked
 from tokenmill.ledger.pricing import CostRates, TierPrices, Usage, book_request, device_class
 from tokenmill.outbox import enqueue

@@ -1,0 +1,71 @@
+"""The factory's services as child processes: used by the end-to-end tests and the bench."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tokenmill.settings import Settings
+
+SERVICES = ("ledger", "inspector", "telemetry", "worker", "intake")
+START_S_MAX = 120.0
+
+
+class Factory:
+    """The five services as child processes, sharing one test database and stream prefix."""
+
+    def __init__(self, settings: Settings, log_dir: Path):
+        self.settings = settings
+        self.base_url = f"http://127.0.0.1:{settings.http_port}"
+        self.log_dir = log_dir
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str) -> None:
+        env = {**os.environ, **self.settings.to_env()}
+        env.pop("TOKENMILL_CONSUMER")  # Each process names itself, as in production.
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, "-m", "tokenmill.cli", "serve", name],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def kill(self, name: str) -> None:
+        process = self.processes.pop(name)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_S_MAX
+        while time.monotonic() < deadline:
+            for name, process in self.processes.items():
+                assert process.poll() is None, f"{name} exited: see {self.log_dir}/{name}.log"
+            try:
+                if httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise AssertionError("intake did not become healthy")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

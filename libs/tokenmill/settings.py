@@ -53,6 +53,9 @@ class Settings:
     outbox_batch_max: int = 100
     outbox_poll_s: float = 1.0
 
+    # How long a stopping service waits for the messages in hand: a worker finishes its job.
+    graceful_timeout_s: float = 60.0
+
     meter: str = "auto"
     cpu_tdp_w: float = 65.0
     cpu_idle_w: float = 10.0

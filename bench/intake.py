@@ -1,0 +1,190 @@
+"""`make bench`: accepted jobs per second at POST /v1/jobs beside a bare FastAPI endpoint measured
+in the same run, and the latency of single jobs from submit to booked.
+
+Runs against the machine's PostgreSQL and Redis (TOKENMILL_BENCH_DATABASE_URL, a database to
+CREATE DATABASE from, and TOKENMILL_BENCH_REDIS_URL), in a throwaway database and stream prefix.
+Both servers run as one uvicorn process each; the load comes from this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+from redis.asyncio import Redis as RedisClient
+
+from tests.e2e.factory import SERVICES, Factory, free_port
+from tokenmill.cli import bootstrap, create_key
+from tokenmill.events import new_id
+from tokenmill.settings import Settings
+
+ADMIN_URL = os.environ.get(
+    "TOKENMILL_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("TOKENMILL_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+BODY = {"prompt": "Name three colours.", "max_tokens": 8}
+JSON = {"Content-Type": "application/json"}
+JOB_S_MAX = 120.0
+
+
+def load(url: str, headers: dict[str, str], duration_s: int, concurrency: int) -> float:
+    """Drive POST /v1/jobs with wrk for `duration_s`; return accepted (2xx) requests per second.
+
+    wrk, not a Python client: on two cores an asyncio HTTP client tops out far below what
+    either server can take, and the ratio would measure the client.
+    """
+    script = Path(tempfile.mkdtemp(prefix="tokenmill-wrk-")) / "post.lua"
+    lines = ['wrk.method = "POST"', f"wrk.body = '{json.dumps(BODY)}'"]
+    lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in {**headers, **JSON}.items()]
+    script.write_text("\n".join(lines) + "\n")
+    command = ["wrk", "-t1", f"-c{concurrency}", f"-d{duration_s}s", "-s", str(script), url]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    assert "Non-2xx" not in output and "Socket errors" not in output, output
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", output)[1])
+
+
+def start_bare(port: int) -> subprocess.Popen:
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "bench.bare_app:app",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+    ]
+    return subprocess.Popen(command)
+
+
+async def wait_healthy(base_url: str) -> None:
+    async with httpx.AsyncClient(base_url=base_url) as http:
+        for _ in range(600):
+            try:
+                if (await http.get("/healthz")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{base_url} never became healthy")
+
+
+async def job_latency(base_url: str, headers: dict[str, str]) -> tuple[float, float, float]:
+    """One job: (client-observed submit→booked, server submit→completed, submit→booked) in ms."""
+    async with httpx.AsyncClient(base_url=base_url, headers=headers) as http:
+        started_s = time.perf_counter()
+        job = (await http.post("/v1/jobs", json=BODY)).json()
+        deadline_s = started_s + JOB_S_MAX
+        while job["booked_at"] is None:
+            assert time.perf_counter() < deadline_s, "job not booked in time"
+            await asyncio.sleep(0.01)
+            job = (await http.get(f"/v1/jobs/{job['id']}")).json()
+        observed_ms = (time.perf_counter() - started_s) * 1000
+    created = datetime.fromisoformat(job["created_at"])
+    completed = datetime.fromisoformat(job["completed_at"])
+    booked = datetime.fromisoformat(job["booked_at"])
+    return (
+        observed_ms,
+        (completed - created).total_seconds() * 1000,
+        (booked - created).total_seconds() * 1000,
+    )
+
+
+async def main(args: argparse.Namespace) -> None:
+    if shutil.which("wrk") is None:
+        raise SystemExit("make bench needs wrk: apt-get install wrk")
+    database = f"tm_bench_{new_id().lower()}"
+    admin = await asyncpg.connect(ADMIN_URL)
+    await admin.execute(f'CREATE DATABASE "{database}"')
+    settings = Settings.from_env(
+        {},
+        database_url=urlunsplit(urlsplit(ADMIN_URL)._replace(path=f"/{database}")),
+        redis_url=REDIS_URL,
+        stream_prefix=f"tmbench.{database}",
+        http_port=free_port(),
+        meter="modelled-cpu",
+        device="cpu",
+    )
+    factory = Factory(settings, Path(tempfile.mkdtemp(prefix="tokenmill-bench-")))
+    bare_port = free_port()
+    bare = start_bare(bare_port)
+    try:
+        await bootstrap(settings)
+        _, key = await create_key(settings, "bench", "standard", settings.region)
+        headers = {"Authorization": f"Bearer {key}"}
+        factory.start("intake")
+        await wait_healthy(factory.base_url)
+        await wait_healthy(f"http://127.0.0.1:{bare_port}")
+        # Load-test jobs go to a region no worker serves, so they never queue ahead of the
+        # latency probes, which a separate customer sends to the worker's region.
+        _, load_key = await create_key(settings, "bench-load", "standard", "bench-load")
+        bare_url = f"http://127.0.0.1:{bare_port}"
+        load_headers = {"Authorization": f"Bearer {load_key}"}
+        report_throughput(args, factory.base_url, bare_url, load_headers)
+        await report_latency(args, factory, headers)
+    finally:
+        bare.terminate()
+        factory.stop()
+        await _cleanup(settings, admin, database)
+
+
+def report_throughput(args, intake_url: str, bare_url: str, headers) -> None:
+    load(f"{bare_url}/v1/jobs", headers, 2, args.concurrency)
+    load(f"{intake_url}/v1/jobs", headers, 2, args.concurrency)
+    bare_rps = load(f"{bare_url}/v1/jobs", headers, args.seconds, args.concurrency)
+    intake_rps = load(f"{intake_url}/v1/jobs", headers, args.seconds, args.concurrency)
+    print(f"POST /v1/jobs for {args.seconds}s each, {args.concurrency} connections (wrk):")
+    print(f"  bare FastAPI endpoint    {bare_rps:8.0f} accepted/s")
+    print(f"  tokenmill intake         {intake_rps:8.0f} accepted/s")
+    print(f"  ratio intake / bare      {intake_rps / bare_rps:8.2f}")
+
+
+async def report_latency(args, factory: Factory, headers) -> None:
+    for name in SERVICES:
+        if name != "intake":
+            factory.start(name)
+    await job_latency(factory.base_url, headers)  # The first job waits for the model to load.
+    samples = [await job_latency(factory.base_url, headers) for _ in range(args.jobs)]
+    observed, completed, booked = (
+        statistics.median(column) for column in zip(*samples, strict=True)
+    )
+    print(f"one job of max_tokens={BODY['max_tokens']}, median of {args.jobs} (queue empty):")
+    print(f"  submit → completed (server clocks)  {completed:8.0f} ms")
+    print(f"  submit → booked (server clocks)     {booked:8.0f} ms")
+    print(f"  submit → booked seen by the client  {observed:8.0f} ms")
+
+
+async def _cleanup(settings: Settings, admin: asyncpg.Connection, database: str) -> None:
+    redis = RedisClient.from_url(settings.redis_url)
+    async for key in redis.scan_iter(match=f"{settings.stream_prefix}.*", count=500):
+        await redis.delete(key)
+    await redis.aclose()
+    await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    await admin.close()
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--jobs", type=int, default=5)
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parse_args()))

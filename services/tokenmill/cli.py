@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -83,7 +84,11 @@ async def has_customers(settings: Settings) -> bool:
 
 def spawn(name: str, settings: Settings) -> subprocess.Popen:
     env = {**os.environ, **settings.to_env()}
-    return subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", name], env=env)
+    # A session of its own: Ctrl-C reaches only `up`, which then stops every service in turn,
+    # instead of every process receiving it at once in whatever state it is in.
+    return subprocess.Popen(
+        [sys.executable, "-m", "tokenmill.cli", "serve", name], env=env, start_new_session=True
+    )
 
 
 def supervise(settings: Settings, first_key: str | None) -> None:
@@ -106,6 +111,8 @@ def supervise(settings: Settings, first_key: str | None) -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        # A second Ctrl-C must not cut the shutdown short and leave services running.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         stop_all(children)
 
 

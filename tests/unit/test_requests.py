@@ -1,6 +1,12 @@
 import pytest
 
-from tokenmill.intake.requests import GenerationRequest, InvalidRequest, fingerprint, validate
+from tokenmill.intake.requests import (
+    GenerationRequest,
+    InvalidRequest,
+    fingerprint,
+    model_input,
+    validate,
+)
 from tokenmill.settings import Settings
 
 SETTINGS = Settings.from_env({}, max_prompt_chars=100, max_tokens_limit=64)
@@ -56,3 +62,13 @@ def test_fingerprint_tells_bodies_and_apis_apart():
     assert fingerprint(a, "jobs") == fingerprint(check(prompt="hi", max_tokens=8), "jobs")
     assert fingerprint(a, "jobs") != fingerprint(b, "jobs")
     assert fingerprint(a, "jobs") != fingerprint(a, "completions")
+
+
+def test_a_jobs_prompt_goes_to_the_model_as_a_user_message():
+    job = check(prompt="Name three colours.", max_tokens=8)
+    prompt, messages = model_input(job, "jobs")
+    assert prompt is None and [(m.role, m.content) for m in messages] == [
+        ("user", "Name three colours.")
+    ]
+    completion = check("completions", prompt="1, 2,", max_tokens=8)
+    assert model_input(completion, "completions") == ("1, 2,", None)

@@ -18,7 +18,7 @@ from tokenmill.events import (
     new_id,
 )
 from tokenmill.intake.keys import Customer
-from tokenmill.intake.requests import Api, GenerationRequest, fingerprint
+from tokenmill.intake.requests import Api, GenerationRequest, fingerprint, model_input
 from tokenmill.outbox import enqueue
 from tokenmill.streams import Streams
 
@@ -45,6 +45,7 @@ async def submit(
     the first request's row and queues nothing, so a retried POST is never run or billed twice.
     """
     request_sha256 = fingerprint(request, api)
+    prompt, messages = model_input(request, api)
     event = JobSubmitted(
         producer="intake",
         customer_id=customer.customer_id,
@@ -52,8 +53,8 @@ async def submit(
         region=customer.region,
         tier=customer.tier,
         model=model,
-        prompt=request.prompt,
-        messages=tuple(request.messages) if request.messages else None,
+        prompt=prompt,
+        messages=messages,
         max_tokens=request.max_tokens,
         temperature=request.temperature,
         top_p=request.top_p,
@@ -61,7 +62,7 @@ async def submit(
         seed=request.seed,
     )
     async with pool.acquire() as conn, conn.transaction():
-        row = await _insert_request(conn, event, api, idempotency_key, request_sha256)
+        row = await _insert_request(conn, event, request, api, idempotency_key, request_sha256)
         if row is None:
             existing = await conn.fetchrow(
                 "SELECT * FROM intake.requests WHERE customer_id = $1 AND idempotency_key = $2",
@@ -79,10 +80,12 @@ async def submit(
 async def _insert_request(
     conn: asyncpg.Connection,
     event: JobSubmitted,
+    request: GenerationRequest,
     api: Api,
     idempotency_key: str | None,
     request_sha256: str,
 ) -> asyncpg.Record | None:
+    # The row keeps what the client sent; the event carries what the model is given.
     return await conn.fetchrow(
         "INSERT INTO intake.requests (request_id, customer_id, tier, region, model, api, "
         "idempotency_key, request_sha256, prompt, messages, max_tokens, submitted_at) "
@@ -96,8 +99,8 @@ async def _insert_request(
         api,
         idempotency_key,
         request_sha256,
-        event.prompt,
-        [m.model_dump() for m in event.messages] if event.messages else None,
+        request.prompt,
+        [m.model_dump() for m in request.messages] if request.messages else None,
         event.max_tokens,
         event.occurred_at,
     )
@@ -207,9 +210,12 @@ class CompletionWaiter:
         await self._listener.add_listener(JOB_DONE_CHANNEL, self._on_notify)
 
     async def stop(self) -> None:
-        if self._listener is not None:
+        if self._listener is None:
+            return
+        # The database may have gone away first; then the listener is gone with it.
+        with contextlib.suppress(asyncpg.InterfaceError, OSError):
             await self._listener.remove_listener(JOB_DONE_CHANNEL, self._on_notify)
-            await self._pool.release(self._listener)
+        await self._pool.release(self._listener)
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, request_id: str) -> None:
         for event in self._waiters.get(request_id, ()):

@@ -87,6 +87,21 @@ def _check_input(request: GenerationRequest, api: Api, settings: Settings) -> No
         )
 
 
+def model_input(
+    request: GenerationRequest, api: Api
+) -> tuple[str | None, tuple[ChatMessage, ...] | None]:
+    """What the model is given: (raw prompt, chat messages), exactly one of them set.
+
+    /v1/completions completes raw text. A job's prompt is an instruction, so it goes to the
+    model as one user message in its chat template, as chat messages do.
+    """
+    if request.messages is not None:
+        return None, tuple(request.messages)
+    if api == "jobs":
+        return None, (ChatMessage(role="user", content=request.prompt or ""),)
+    return request.prompt, None
+
+
 def fingerprint(request: GenerationRequest, api: Api) -> str:
     """What an idempotency key is bound to: the same key with another body is a client bug."""
     body = request.model_dump(mode="json", exclude={"stream", "n"})

@@ -13,6 +13,10 @@ def _iso(value: Any) -> str | None:
     return value.isoformat() if value is not None else None
 
 
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
 def _usage(row: asyncpg.Record) -> dict[str, int] | None:
     if row["prompt_tokens"] is None:
         return None
@@ -42,9 +46,9 @@ def job(row: asyncpg.Record) -> dict[str, Any]:
         else None,
         "usage": _usage(row),
         "timings": {
-            "queue_ms": row["queue_ms"],
-            "ttft_ms": row["ttft_ms"],
-            "total_ms": row["e2e_ms"],
+            "queue_ms": _ms(row["queue_ms"]),
+            "ttft_ms": _ms(row["ttft_ms"]),
+            "total_ms": _ms(row["e2e_ms"]),
         }
         if done
         else None,

@@ -2,6 +2,13 @@
 -- (in the same transaction as the write), and producers that write to Postgres queue their
 -- events in their schema's outbox for the relay to publish.
 
+CREATE FUNCTION public.tokenmill_notify_outbox() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify(TG_TABLE_SCHEMA || '_outbox', '');
+    RETURN NULL;
+END $$;
+
 CREATE FUNCTION public.tokenmill_create_inbox_and_outbox(schema_name text) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -24,6 +31,11 @@ BEGIN
     EXECUTE format(
         'CREATE INDEX outbox_unpublished ON %1$I.outbox (seq) WHERE published_at IS NULL',
         schema_name);
+    -- Wakes the schema's relay when rows are queued. NOTIFY is delivered at commit, so the
+    -- relay only ever wakes for rows it can see.
+    EXECUTE format(
+        'CREATE TRIGGER outbox_notify AFTER INSERT ON %1$I.outbox FOR EACH STATEMENT '
+        'EXECUTE FUNCTION public.tokenmill_notify_outbox()', schema_name);
 END $$;
 
 -- intake: customers, their API keys, and every request with its current state.

@@ -23,12 +23,14 @@ from tokenmill.streams import event_headers
 
 log = logging.getLogger(__name__)
 
-Publish = Callable[[str, str, dict[str, str]], Awaitable[None]]
+# Publishes a batch of (stream, body, headers) rows, all or raise.
+PublishBatch = Callable[[list[tuple[str, str, dict[str, str]]]], Awaitable[None]]
 
 RETRY_DELAY_S_MAX = 5.0
 
 
 def _channel(schema: str) -> str:
+    # The same name the outbox_notify trigger (migrations/0001_core.sql) notifies.
     assert re.fullmatch(r"[a-z_]+", schema), schema
     return f"{schema}_outbox"
 
@@ -45,14 +47,12 @@ async def enqueue(conn: asyncpg.Connection, schema: str, stream: str, event: Eve
         event.canonical_json(),
         event_headers(event),
     )
-    # Delivered at commit, so the relay wakes only for rows it can see.
-    await conn.execute("SELECT pg_notify($1, '')", _channel(schema))
 
 
 class OutboxRelay:
     """Publishes committed outbox rows in order, waking on NOTIFY and polling as a fallback."""
 
-    def __init__(self, pool: asyncpg.Pool, schema: str, publish: Publish, settings: Settings):
+    def __init__(self, pool: asyncpg.Pool, schema: str, publish: PublishBatch, settings: Settings):
         self._pool = pool
         self._schema = schema
         self._publish = publish
@@ -91,9 +91,8 @@ class OutboxRelay:
                 "WHERE published_at IS NULL ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
                 self._batch_max,
             )
-            for row in rows:
-                await self._publish(row["stream"], row["body"], row["headers"])
             if rows:
+                await self._publish([(r["stream"], r["body"], r["headers"]) for r in rows])
                 await conn.execute(
                     f"UPDATE {self._schema}.outbox SET published_at = now() WHERE seq = ANY($1)",
                     [row["seq"] for row in rows],

@@ -42,10 +42,14 @@ class Runtime:
     def outbox_relay(self, schema: str) -> Coroutine[Any, Any, None]:
         """The loop that publishes `schema`'s committed outbox rows through this broker."""
 
-        async def publish_row(stream: str, body: str, headers: dict[str, str]) -> None:
-            await publish(self.broker, stream, body, headers)
+        async def publish_rows(rows: list[tuple[str, str, dict[str, str]]]) -> None:
+            # One round trip for the whole batch, not one per event.
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for stream, body, headers in rows:
+                    await publish(self.broker, stream, body, headers, pipeline=pipe)
+                await pipe.execute()
 
-        return OutboxRelay(self.db, schema, publish_row, self.settings).run()
+        return OutboxRelay(self.db, schema, publish_rows, self.settings).run()
 
 
 # Wiring registers subscribers on the broker and returns the background loops to run.

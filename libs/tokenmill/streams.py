@@ -18,6 +18,7 @@ from faststream import AckPolicy
 from faststream.redis import Redis, RedisBroker, RedisStreamMessage, StreamSub
 from pydantic import ValidationError
 from redis.asyncio import Redis as RedisClient
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
 from tokenmill import tracing
@@ -92,10 +93,16 @@ async def create_groups(redis: RedisClient, pairs: list[tuple[str, str]]) -> Non
                 raise
 
 
-async def publish(broker: RedisBroker, stream: str, body: str, headers: dict[str, str]) -> None:
+async def publish(
+    broker: RedisBroker,
+    stream: str,
+    body: str,
+    headers: dict[str, str],
+    pipeline: Pipeline | None = None,
+) -> None:
     # No MAXLEN here: Redis is transport, not the record, and trimming by length could drop
     # entries some group has not acknowledged yet.
-    await broker.publish(body, stream=stream, headers=headers)
+    await broker.publish(body, stream=stream, headers=headers, pipeline=pipeline)
 
 
 async def publish_event(broker: RedisBroker, stream: str, event: Event) -> None:

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill import service, tracing
 from tokenmill.intake import jobs, views
-from tokenmill.intake.keys import Customer, authenticate
+from tokenmill.intake.keys import Customer, KeyCache
 from tokenmill.intake.requests import Api, GenerationRequest, InvalidRequest, validate
 from tokenmill.settings import Settings
 
@@ -86,7 +86,7 @@ async def customer(
     scheme, _, key = (authorization or "").partition(" ")
     found = None
     if scheme.lower() == "bearer" and key:
-        found = await authenticate(request.app.state.runtime.db, key.strip())
+        found = await request.app.state.keys.customer(key.strip())
     if found is None:
         raise ApiError(
             401,
@@ -106,6 +106,7 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with service.running("intake", settings, wire) as runtime:
             app.state.runtime = runtime
+            app.state.keys = KeyCache(runtime.db)
             app.state.waiter = jobs.CompletionWaiter(runtime.db)
             await app.state.waiter.start()
             try:

@@ -156,6 +156,8 @@ class Delivery:
 
 
 EventHandler = Callable[[Event, Delivery], Awaitable[None]]
+# Told about an entry given up on, before it moves to the dead letters: (raw entry, reason).
+GiveUpHandler = Callable[[bytes, str], Awaitable[None]]
 
 
 def consume(
@@ -166,8 +168,14 @@ def consume(
     handler: EventHandler,
     *,
     max_records: int | None = None,
+    on_give_up: GiveUpHandler | None = None,
 ) -> None:
-    """Subscribe `handler` to `stream` for `group`: a reader for new entries and a claimer."""
+    """Subscribe `handler` to `stream` for `group`: a reader for new entries and a claimer.
+
+    `on_give_up` runs before an entry that failed `max_deliveries` times is dead-lettered, so
+    the service can tell others (a worker fails the job). If it raises, the entry stays
+    pending and the next claim tries again.
+    """
     records = max_records or settings.read_batch_max
 
     async def on_new(msg: RedisStreamMessage, redis: Redis) -> None:
@@ -178,6 +186,8 @@ def consume(
         deliveries = await _delivery_count(delivery)
         if deliveries > settings.max_deliveries:
             reason = f"delivered {deliveries} times (limit {settings.max_deliveries})"
+            if on_give_up is not None:
+                await on_give_up(_raw(msg), reason)
             await delivery.dead_letter(reason, _raw(msg))
             return
         await _deliver(msg, delivery, handler)

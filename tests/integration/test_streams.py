@@ -6,7 +6,7 @@ from redis.asyncio import Redis as RedisClient
 
 from tests.integration.helpers import eventually
 from tokenmill import service
-from tokenmill.events import Event, JobStarted
+from tokenmill.events import Event, JobStarted, parse_event
 from tokenmill.settings import Settings
 from tokenmill.streams import Delivery, Streams, consume
 
@@ -111,13 +111,22 @@ async def test_entry_that_always_fails_is_dead_lettered_after_max_deliveries(
         attempts.append(event.event_id)
         raise RuntimeError("poison")
 
-    async with service.running(
-        "t", test_settings, consumer_of(stream, always_fails), needs_db=False
-    ):
+    given_up: list[tuple[bytes, str]] = []
+
+    async def give_up(raw: bytes, reason: str) -> None:
+        given_up.append((raw, reason))
+
+    async def wire(rt: service.Runtime):
+        consume(rt.broker, rt.settings, stream, "intake", always_fails, on_give_up=give_up)
+        return []
+
+    async with service.running("t", test_settings, wire, needs_db=False):
         await redis.xadd(stream, {"__data__": started("job_poison").canonical_json()})
         dlq = Streams.dead_letters(stream)
         await eventually(lambda: _length_is(redis, dlq, 1), timeout_s=30)
     ((_, fields),) = await redis.xrange(dlq)
     assert b"delivered" in fields[b"reason"]
     assert len(attempts) == test_settings.max_deliveries
+    ((raw, reason),) = given_up
+    assert parse_event(raw).request_id == "job_poison" and "delivered" in reason
     assert (await redis.xpending(stream, "intake"))["pending"] == 0

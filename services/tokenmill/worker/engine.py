@@ -50,7 +50,7 @@ class Engine:
         except ValueError as exc:
             # The model refuses this input (a prompt that fills its whole context, say):
             # retrying cannot help, so the job fails and is never billed.
-            return self._failed(job, str(exc))
+            return self.failed(job, str(exc))
         assert energy_after_j >= energy_before_j, "meters count up"
         assert generation.completion_tokens <= job.max_tokens, generation
         queue_ms = elapsed_ms(job.occurred_at, started_at)
@@ -84,7 +84,7 @@ class Engine:
             ),
         )
 
-    def _failed(self, job: JobSubmitted, reason: str) -> JobFailed:
+    def failed(self, job: JobSubmitted, reason: str) -> JobFailed:
         return JobFailed(
             producer="worker",
             customer_id=job.customer_id,

@@ -7,7 +7,7 @@ import contextlib
 import logging
 
 from tokenmill import service
-from tokenmill.events import Event, JobStarted, JobSubmitted, utc_now
+from tokenmill.events import Event, JobStarted, JobSubmitted, parse_event, utc_now
 from tokenmill.meters import create_meter
 from tokenmill.streams import Delivery, consume, publish_event
 from tokenmill.worker.engine import Engine, elapsed_ms
@@ -49,6 +49,21 @@ async def wire(rt: service.Runtime):
         await keep_alive_while(job, delivery, settings.claim_idle_ms / 3000)
         await publish_event(rt.broker, rt.streams.completions, job.result())
 
+    async def on_give_up(raw: bytes, reason: str) -> None:
+        # A job no worker could finish fails visibly instead of staying queued forever.
+        job = parse_event(raw)
+        if isinstance(job, JobSubmitted):
+            failed = engine.failed(job, f"no worker could run this job: {reason}")
+            await publish_event(rt.broker, rt.streams.completions, failed)
+
     # One entry at a time: an entry read is owned by this worker until acknowledged.
-    consume(rt.broker, settings, rt.streams.jobs(settings.region), "worker", on_job, max_records=1)
+    consume(
+        rt.broker,
+        settings,
+        rt.streams.jobs(settings.region),
+        "worker",
+        on_job,
+        max_records=1,
+        on_give_up=on_give_up,
+    )
     return []

@@ -43,6 +43,15 @@ class Event(BaseModel):
         """Sorted keys, no spaces: the exact text that gets hashed and stored."""
         return canonical_json(self.model_dump(mode="json"))
 
+    def envelope_for(self, producer: str) -> dict[str, str]:
+        """The envelope of an event this one causes: same customer, request and region."""
+        return {
+            "producer": producer,
+            "customer_id": self.customer_id,
+            "request_id": self.request_id,
+            "region": self.region,
+        }
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -54,10 +54,7 @@ async def take_job(redis: RedisClient, stream: str) -> JobSubmitted:
 
 def complete(job: JobSubmitted, text: str, completion_tokens: int) -> JobCompleted:
     return JobCompleted(
-        producer="worker",
-        customer_id=job.customer_id,
-        request_id=job.request_id,
-        region=job.region,
+        **job.envelope_for("worker"),
         tier=job.tier,
         submitted_at=job.occurred_at,
         worker="test-worker",

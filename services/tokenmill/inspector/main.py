@@ -19,10 +19,7 @@ def judge(event: JobCompleted) -> QualityVerdict:
         event.text, event.finish_reason, event.completion_tokens, event.max_tokens
     )
     return QualityVerdict(
-        producer="inspector",
-        customer_id=event.customer_id,
-        request_id=event.request_id,
-        region=event.region,
+        **event.envelope_for("inspector"),
         completion_event_id=event.event_id,
         verdict=verdict(signals),
         signals=tuple(

@@ -110,10 +110,7 @@ async def book_completion(
     if not inserted:
         return False
     booked = UsageBooked(
-        producer="ledger",
-        customer_id=event.customer_id,
-        request_id=event.request_id,
-        region=event.region,
+        **event.envelope_for("ledger"),
         tier=event.tier,
         prompt_tokens=event.prompt_tokens,
         completion_tokens=event.completion_tokens,

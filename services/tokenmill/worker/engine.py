@@ -55,10 +55,7 @@ class Engine:
         assert generation.completion_tokens <= job.max_tokens, generation
         queue_ms = elapsed_ms(job.occurred_at, started_at)
         return JobCompleted(
-            producer="worker",
-            customer_id=job.customer_id,
-            request_id=job.request_id,
-            region=job.region,
+            **job.envelope_for("worker"),
             occurred_at=finished_at,
             tier=job.tier,
             submitted_at=job.occurred_at,
@@ -86,10 +83,7 @@ class Engine:
 
     def failed(self, job: JobSubmitted, reason: str) -> JobFailed:
         return JobFailed(
-            producer="worker",
-            customer_id=job.customer_id,
-            request_id=job.request_id,
-            region=job.region,
+            **job.envelope_for("worker"),
             worker=self.worker,
             reason=reason,
         )

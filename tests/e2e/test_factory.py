@@ -103,6 +103,18 @@ async def test_job_goes_from_submit_to_booked(factory: Factory, api_key: str, po
     await eventually(judged)
 
 
+async def test_telemetry_power_windows_reach_the_ledger(factory: Factory, pool: asyncpg.Pool):
+    async def sampled() -> bool:
+        return await pool.fetchval("SELECT count(*) FROM ledger.power_samples") >= 2
+
+    await eventually(sampled)
+    rows = await pool.fetch("SELECT * FROM ledger.power_samples ORDER BY window_start LIMIT 2")
+    assert all(r["meter"] == "modelled-cpu" and r["estimated"] for r in rows)
+    assert all(r["energy_j"] > 0 and r["window_end"] > r["window_start"] for r in rows)
+    # Windows are contiguous: together they cover everything the meter counted.
+    assert rows[0]["window_end"] == rows[1]["window_start"]
+
+
 async def test_openai_client_works_unchanged(factory: Factory, api_key: str):
     openai = OpenAI(base_url=f"{factory.base_url}/v1", api_key=api_key, timeout=JOB_S_MAX)
     chat = await asyncio.to_thread(

@@ -135,6 +135,7 @@ async def test_completion_delivered_three_times_is_booked_once(
     (standard,) = usage["tiers"]
     assert standard["tier"] == "standard" and standard["completion_tokens"] == 5
     assert standard["revenue"] == "0.0000125" and standard["cost"] == "0.000544"
+    assert standard["currency"] == "USD"
 
 
 async def test_price_change_does_not_reprice_past_usage(pool: asyncpg.Pool):

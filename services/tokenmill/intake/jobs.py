@@ -185,7 +185,9 @@ async def usage_by_tier(pool: asyncpg.Pool, customer: Customer) -> list[asyncpg.
         "coalesce(sum(completion_tokens), 0) AS completion_tokens, "
         "coalesce(sum(energy_j), 0) AS energy_j, "
         "count(*) FILTER (WHERE booked_at IS NOT NULL) AS booked, "
-        "coalesce(sum(cost), 0) AS cost, coalesce(sum(revenue), 0) AS revenue "
+        # A tier is priced in one currency, so min() names it (NULL until something is booked).
+        "coalesce(sum(cost), 0) AS cost, coalesce(sum(revenue), 0) AS revenue, "
+        "min(currency) AS currency "
         "FROM intake.requests WHERE customer_id = $1 GROUP BY tier ORDER BY tier",
         customer.customer_id,
     )

@@ -119,7 +119,9 @@ def usage(customer_id: str, rows: list[asyncpg.Record]) -> dict[str, Any]:
             "energy_j": money(r["energy_j"]),
             "cost": money(r["cost"]),
             "revenue": money(r["revenue"]),
+            # None while nothing in this row is booked yet.
+            "currency": r["currency"],
         }
         for r in rows
     ]
-    return {"object": "usage", "customer_id": customer_id, "currency": "USD", "tiers": tiers}
+    return {"object": "usage", "customer_id": customer_id, "tiers": tiers}

@@ -35,17 +35,20 @@ def _channel(schema: str) -> str:
     return f"{schema}_outbox"
 
 
+OUTBOX_COLUMNS = "(event_id, event_type, stream, body, headers)"
+
+
+def outbox_values(stream: str, event: Event) -> tuple[str, str, str, str, dict[str, str]]:
+    """The values of `event`'s outbox row, in OUTBOX_COLUMNS order."""
+    return event.event_id, event.type, stream, event.canonical_json(), event_headers(event)
+
+
 async def enqueue(conn: asyncpg.Connection, schema: str, stream: str, event: Event) -> None:
     """Queue `event` for `stream`; call inside the transaction that made the change."""
     assert conn.is_in_transaction(), "enqueue outside a transaction could publish a rollback"
     await conn.execute(
-        f"INSERT INTO {schema}.outbox (event_id, event_type, stream, body, headers) "
-        "VALUES ($1, $2, $3, $4, $5)",
-        event.event_id,
-        event.type,
-        stream,
-        event.canonical_json(),
-        event_headers(event),
+        f"INSERT INTO {schema}.outbox {OUTBOX_COLUMNS} VALUES ($1, $2, $3, $4, $5)",
+        *outbox_values(stream, event),
     )
 
 

@@ -39,9 +39,3 @@ def consumer_span(name: str, headers: Mapping[str, object] | None) -> Iterator[N
         name, context=propagate.extract(carrier), kind=trace.SpanKind.CONSUMER
     ):
         yield
-
-
-@contextmanager
-def span(name: str) -> Iterator[None]:
-    with _tracer.start_as_current_span(name):
-        yield

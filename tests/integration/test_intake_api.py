@@ -67,6 +67,11 @@ async def test_accepted_job_is_recorded_and_relayed_to_its_region_stream(
     event = parse_event(fields[b"__data__"][fields[b"__data__"].index(b"{") :])
     assert isinstance(event, JobSubmitted)
     assert event.request_id == job["id"] and event.max_tokens == 8 and event.tier == "premium"
+    headers = await pool.fetchval(
+        "SELECT headers FROM intake.outbox WHERE event_id = $1", event.event_id
+    )
+    assert headers["event_id"] == event.event_id
+    assert headers["traceparent"].startswith("00-"), "the HTTP request's trace travels on"
     seen = await client.get(f"/v1/jobs/{job['id']}", headers=auth(key))
     assert seen.status_code == 200 and seen.json()["id"] == job["id"]
 

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tokenmill import service, tracing
+from tokenmill import service
 from tokenmill.intake import jobs, views
 from tokenmill.intake.keys import Customer, KeyCache
 from tokenmill.intake.requests import Api, GenerationRequest, InvalidRequest, validate
@@ -139,17 +139,17 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
         except InvalidRequest as exc:
             raise ApiError(400, "invalid_request", str(exc), exc.param) from exc
         runtime = request.app.state.runtime
-        with tracing.span(f"intake submit {api}"):
-            try:
-                return await jobs.submit(
-                    runtime.db, runtime.streams, who, checked, api, settings.model, key
-                )
-            except jobs.IdempotencyConflict as exc:
-                raise ApiError(
-                    409,
-                    "idempotency_key_reused",
-                    "this Idempotency-Key was already used with a different request body",
-                ) from exc
+        # FastAPI's own server span is current here, so the job event's headers carry it.
+        try:
+            return await jobs.submit(
+                runtime.db, runtime.streams, who, checked, api, settings.model, key
+            )
+        except jobs.IdempotencyConflict as exc:
+            raise ApiError(
+                409,
+                "idempotency_key_reused",
+                "this Idempotency-Key was already used with a different request body",
+            ) from exc
 
     async def finished(request: Request, who: Customer, row) -> Any:
         row = await request.app.state.waiter.wait(who, row["request_id"], settings.chat_wait_s)

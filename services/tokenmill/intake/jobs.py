@@ -19,7 +19,7 @@ from tokenmill.events import (
 )
 from tokenmill.intake.keys import Customer
 from tokenmill.intake.requests import Api, GenerationRequest, fingerprint, model_input
-from tokenmill.outbox import enqueue
+from tokenmill.outbox import OUTBOX_COLUMNS, outbox_values
 from tokenmill.streams import Streams
 
 SCHEMA = "intake"
@@ -39,7 +39,7 @@ async def submit(
     model: str,
     idempotency_key: str | None,
 ) -> tuple[asyncpg.Record, bool]:
-    """Record the request and queue its job event in one transaction.
+    """Record the request and queue its job event atomically.
 
     Returns the request row and whether it was created now. A repeated idempotency key returns
     the first request's row and queues nothing, so a retried POST is never run or billed twice.
@@ -61,36 +61,50 @@ async def submit(
         stop=tuple(request.stop or ()),
         seed=request.seed,
     )
-    async with pool.acquire() as conn, conn.transaction():
-        row = await _insert_request(conn, event, request, api, idempotency_key, request_sha256)
-        if row is None:
-            existing = await conn.fetchrow(
-                "SELECT * FROM intake.requests WHERE customer_id = $1 AND idempotency_key = $2",
-                customer.customer_id,
-                idempotency_key,
-            )
-            assert existing is not None, "a conflicting row must exist"
-            if existing["request_sha256"] != request_sha256:
-                raise IdempotencyConflict(idempotency_key)
-            return existing, False
-        await enqueue(conn, SCHEMA, streams.jobs(customer.region), event)
-        return row, True
+    async with pool.acquire() as conn:
+        row = await _accept(conn, event, request, api, idempotency_key, request_sha256, streams)
+        if row is not None:
+            return row, True
+        existing = await conn.fetchrow(
+            "SELECT * FROM intake.requests WHERE customer_id = $1 AND idempotency_key = $2",
+            customer.customer_id,
+            idempotency_key,
+        )
+    assert existing is not None, "a conflicting row must exist"
+    if existing["request_sha256"] != request_sha256:
+        raise IdempotencyConflict(idempotency_key)
+    return existing, False
 
 
-async def _insert_request(
+# One statement, so one round trip and one implicit transaction: the request row and its
+# outbox row are written together or not at all, and a repeated idempotency key writes
+# neither (the outbox insert selects from the request insert, which then returns nothing).
+_ACCEPT_SQL = f"""
+WITH request AS (
+    INSERT INTO intake.requests (request_id, customer_id, tier, region, model, api,
+        idempotency_key, request_sha256, prompt, messages, max_tokens, submitted_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+    ON CONFLICT (customer_id, idempotency_key) DO NOTHING
+    RETURNING *
+), queued AS (
+    INSERT INTO intake.outbox {OUTBOX_COLUMNS}
+    SELECT $13, $14, $15, $16, $17 FROM request
+)
+SELECT * FROM request"""
+
+
+async def _accept(
     conn: asyncpg.Connection,
     event: JobSubmitted,
     request: GenerationRequest,
     api: Api,
     idempotency_key: str | None,
     request_sha256: str,
+    streams: Streams,
 ) -> asyncpg.Record | None:
     # The row keeps what the client sent; the event carries what the model is given.
     return await conn.fetchrow(
-        "INSERT INTO intake.requests (request_id, customer_id, tier, region, model, api, "
-        "idempotency_key, request_sha256, prompt, messages, max_tokens, submitted_at) "
-        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) "
-        "ON CONFLICT (customer_id, idempotency_key) DO NOTHING RETURNING *",
+        _ACCEPT_SQL,
         event.request_id,
         event.customer_id,
         event.tier,
@@ -103,6 +117,7 @@ async def _insert_request(
         [m.model_dump() for m in request.messages] if request.messages else None,
         event.max_tokens,
         event.occurred_at,
+        *outbox_values(streams.jobs(event.region), event),
     )
 
 

@@ -89,8 +89,16 @@ def spawn(name: str, settings: Settings) -> subprocess.Popen:
     )
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def supervise(settings: Settings, first_key: str | None) -> None:
-    """Run every service as its own process until Ctrl-C; restart one that dies."""
+    """Run every service as its own process until Ctrl-C or SIGTERM; restart one that dies."""
+    # Explicit handlers: SIGTERM (docker stop, systemd) must stop the services as Ctrl-C does,
+    # and a parent that started us in the background may have left SIGINT ignored.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     children = {name: spawn(name, settings) for name in SERVICES}
     restarts: list[float] = []
     try:
@@ -111,6 +119,7 @@ def supervise(settings: Settings, first_key: str | None) -> None:
     finally:
         # A second Ctrl-C must not cut the shutdown short and leave services running.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stop_all(children)
 
 
@@ -145,6 +154,7 @@ def print_banner(settings: Settings, first_key: str | None) -> None:
     key = first_key or "<your key: tokenmill keys create --name NAME --tier standard>"
     print(
         f"\ntokenmill is running: {base}  (Ctrl-C stops it)\n"
+        + "the worker may still be loading the model; jobs queue until it is ready\n"
         + (f"first API key (shown once, keep it): {first_key}\n" if first_key else "")
         + f"\n  curl -s {base}/v1/jobs -H 'Authorization: Bearer {key}' \\\n"
         + "       -H 'Content-Type: application/json' \\\n"

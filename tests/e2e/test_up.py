@@ -1,0 +1,66 @@
+"""`tokenmill up` on its embedded default: what `make run` does on a fresh machine."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import psutil
+
+from tests.e2e.factory import free_port
+
+BANNER_S_MAX = 180.0
+JOB_S_MAX = 120.0
+
+
+def wait_for_key(process: subprocess.Popen, log_path) -> str:
+    deadline = time.monotonic() + BANNER_S_MAX
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log_path.read_text()[-3000:]
+        found = re.search(r"first API key \(shown once, keep it\): (tm_\S+)", log_path.read_text())
+        if found:
+            return found[1]
+        time.sleep(0.5)
+    raise AssertionError("tokenmill up printed no API key in time")
+
+
+def test_up_runs_the_factory_on_embedded_servers_and_stops_cleanly(tmp_path):
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TOKENMILL_")}
+    env.update(
+        TOKENMILL_DATA_DIR=str(tmp_path / "data"),
+        TOKENMILL_HTTP_PORT=str(port),
+        TOKENMILL_MODEL_CACHE_DIR=os.environ.get(
+            "TOKENMILL_MODEL_CACHE_DIR", os.path.expanduser("~/.cache/tokenmill/models")
+        ),
+    )
+    log_path = tmp_path / "up.log"
+    with open(log_path, "wb") as log:
+        up = subprocess.Popen(
+            [sys.executable, "-m", "tokenmill.cli", "up"], env=env, stdout=log, stderr=log
+        )
+    try:
+        key = wait_for_key(up, log_path)
+        services = psutil.Process(up.pid).children()
+        assert len(services) >= 6  # Five services and the embedded Redis.
+        base = f"http://127.0.0.1:{port}"
+        headers = {"Authorization": f"Bearer {key}"}
+        job = httpx.post(
+            f"{base}/v1/jobs", json={"prompt": "Say hi.", "max_tokens": 8}, headers=headers
+        ).json()
+        deadline = time.monotonic() + JOB_S_MAX
+        while job["booked_at"] is None:
+            assert time.monotonic() < deadline, job
+            time.sleep(0.2)
+            job = httpx.get(f"{base}/v1/jobs/{job['id']}", headers=headers).json()
+        assert job["status"] == "completed" and job["billing"]["currency"] == "USD"
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(timeout=60)
+    assert up.returncode == 0, log_path.read_text()[-3000:]
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in services)

@@ -35,6 +35,7 @@ def test_valid_job_passes_and_keeps_max_tokens():
             "prompt",
         ),
         ({"prompt": "hi", "max_tokens": 8, "stream": True}, "stream"),
+        ({"prompt": "hi", "max_tokens": 8, "model": "gpt-9"}, "model"),
         ({"prompt": "hi", "max_tokens": 8, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ],
 )

@@ -52,6 +52,10 @@ def validate(request: GenerationRequest, api: Api, settings: Settings) -> Genera
         raise InvalidRequest("streaming is not supported yet; send stream=false", "stream")
     if request.n != 1:
         raise InvalidRequest("only n=1 is supported", "n")
+    if request.model not in (None, settings.model):
+        raise InvalidRequest(
+            f"model {request.model!r} is not served here; use {settings.model!r}", "model"
+        )
     _check_input(request, api, settings)
     max_tokens = request.max_completion_tokens or request.max_tokens
     if max_tokens is None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -258,7 +257,3 @@ class CompletionWaiter:
             self._waiters[request_id].discard(wake)
             if not self._waiters[request_id]:
                 del self._waiters[request_id]
-
-
-def money(value: Decimal | None) -> str | None:
-    return None if value is None else format(value.normalize(), "f")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
 
-from tokenmill.intake.jobs import money
+
+def money(value: Decimal | None) -> str | None:
+    """Exact decimals travel as strings: a JSON number would become a float in most clients."""
+    return None if value is None else format(value.normalize(), "f")
 
 
 def _iso(value: Any) -> str | None:

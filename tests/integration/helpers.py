@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+from tokenmill.events import JobStarted
+
 WAIT_S_MAX = 20.0
 
 
@@ -15,3 +17,15 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = WA
     while not await check():
         assert loop.time() < deadline, f"condition not met within {timeout_s}s"
         await asyncio.sleep(0.05)
+
+
+def started(request_id: str) -> JobStarted:
+    """A small valid event to push through streams and outboxes."""
+    return JobStarted(
+        producer="test",
+        customer_id="cus_1",
+        request_id=request_id,
+        region="eu-west",
+        worker="w",
+        queue_ms=0.0,
+    )

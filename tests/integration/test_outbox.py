@@ -10,22 +10,11 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis as RedisClient
 
-from tests.integration.helpers import eventually
-from tokenmill.events import JobStarted, parse_event
+from tests.integration.helpers import eventually, started
+from tokenmill.events import parse_event
 from tokenmill.outbox import OutboxRelay, enqueue
 from tokenmill.settings import Settings
 from tokenmill.streams import Streams
-
-
-def started(request_id: str) -> JobStarted:
-    return JobStarted(
-        producer="test",
-        customer_id="cus_1",
-        request_id=request_id,
-        region="eu-west",
-        worker="w",
-        queue_ms=0.0,
-    )
 
 
 class FlakyRedis:

@@ -4,22 +4,11 @@ from __future__ import annotations
 
 from redis.asyncio import Redis as RedisClient
 
-from tests.integration.helpers import eventually
+from tests.integration.helpers import eventually, started
 from tokenmill import service
-from tokenmill.events import Event, JobStarted, parse_event
+from tokenmill.events import Event, parse_event
 from tokenmill.settings import Settings
 from tokenmill.streams import Delivery, Streams, consume
-
-
-def started(request_id: str) -> JobStarted:
-    return JobStarted(
-        producer="test",
-        customer_id="cus_1",
-        request_id=request_id,
-        region="eu-west",
-        worker="w",
-        queue_ms=1.0,
-    )
 
 
 def consumer_of(stream: str, handler) -> service.Wiring:

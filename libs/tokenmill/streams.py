@@ -65,18 +65,29 @@ class Streams:
     def dead_letters(stream: str) -> str:
         return f"{stream}.dlq"
 
+    def all(self, region: str) -> list[str]:
+        return [
+            self.jobs(region),
+            self.progress,
+            self.completions,
+            self.quality,
+            self.power,
+            self.booked,
+        ]
+
     def groups(self, region: str) -> list[tuple[str, str]]:
-        """Every (stream, consumer group) pair of the platform, for bootstrap."""
+        """Every (stream, consumer group) pair of the platform, for bootstrap.
+
+        The ledger reads every stream: its event log is the whole history, the source an
+        audit replays.
+        """
         return [
             (self.jobs(region), "worker"),
             (self.progress, "intake"),
             (self.completions, "intake"),
             (self.completions, "inspector"),
-            (self.completions, "ledger"),
-            (self.quality, "ledger"),
-            (self.power, "ledger"),
             (self.booked, "intake"),
-        ]
+        ] + [(stream, "ledger") for stream in self.all(region)]
 
 
 async def create_groups(redis: RedisClient, pairs: list[tuple[str, str]]) -> None:

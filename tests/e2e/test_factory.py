@@ -102,6 +102,16 @@ async def test_job_goes_from_submit_to_booked(factory: Factory, api_key: str, po
 
     await eventually(judged)
 
+    story = {"job.submitted", "job.started", "job.completed", "quality.verdict", "usage.booked"}
+
+    async def logged_whole_story() -> bool:
+        types = await pool.fetch(
+            "SELECT event_type FROM ledger.events WHERE request_id = $1 ORDER BY seq", job_id
+        )
+        return {r["event_type"] for r in types} == story
+
+    await eventually(logged_whole_story)
+
 
 async def test_telemetry_power_windows_reach_the_ledger(factory: Factory, pool: asyncpg.Pool):
     async def sampled() -> bool:

@@ -21,7 +21,7 @@ async def wire(rt: service.Runtime):
             elif isinstance(event, PowerSample):
                 await books.record_power(conn, event)
 
-    for stream in (rt.streams.completions, rt.streams.quality, rt.streams.power):
+    for stream in rt.streams.all(rt.settings.region):
         consume(rt.broker, rt.settings, stream, "ledger", on_event)
 
     return [rt.outbox_relay(books.SCHEMA)]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import re
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +107,25 @@ async def migrate(database_url: str, directory: Path = MIGRATIONS_DIR) -> list[s
         return done
     finally:
         await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def listening(
+    pool: asyncpg.Pool, channel: str, callback: Callable[..., None]
+) -> AsyncIterator[None]:
+    """Keep one pooled connection LISTENing on `channel` while the block runs.
+
+    The connection goes back to the pool however the block ends, cancellation during the
+    LISTEN itself included; a connection that never comes back makes pool.close() wait forever.
+    """
+    async with pool.acquire() as conn:
+        await conn.add_listener(channel, callback)
+        try:
+            yield
+        finally:
+            # The database may have gone away first; then the listener is gone with it.
+            with contextlib.suppress(asyncpg.InterfaceError, OSError):
+                await conn.remove_listener(channel, callback)
 
 
 async def first_delivery(conn: asyncpg.Connection, schema: str, event: Event, stream: str) -> bool:

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
+from tokenmill.db import listening
 from tokenmill.events import Event
 from tokenmill.settings import Settings
 from tokenmill.streams import event_headers
@@ -64,27 +65,23 @@ class OutboxRelay:
         self._wake = asyncio.Event()
 
     async def run(self) -> None:
-        listener = await self._pool.acquire()
-        await listener.add_listener(_channel(self._schema), self._on_notify)
+        async with listening(self._pool, _channel(self._schema), self._on_notify):
+            await self._relay_forever()
+
+    async def _relay_forever(self) -> None:
         delay_s = 0.1
-        try:
-            while True:
-                self._wake.clear()
-                try:
-                    published = await self.publish_batch()
-                    delay_s = 0.1
-                except Exception as exc:  # Redis or Postgres down: keep the rows, retry later.
-                    log.warning(
-                        "outbox relay %s: %s; retrying in %.1fs", self._schema, exc, delay_s
-                    )
-                    await asyncio.sleep(delay_s)
-                    delay_s = min(delay_s * 2, RETRY_DELAY_S_MAX)
-                    continue
-                if published < self._batch_max:
-                    await self._wait()
-        finally:
-            await listener.remove_listener(_channel(self._schema), self._on_notify)
-            await self._pool.release(listener)
+        while True:
+            self._wake.clear()
+            try:
+                published = await self.publish_batch()
+                delay_s = 0.1
+            except Exception as exc:  # Redis or Postgres down: keep the rows, retry later.
+                log.warning("outbox relay %s: %s; retrying in %.1fs", self._schema, exc, delay_s)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, RETRY_DELAY_S_MAX)
+                continue
+            if published < self._batch_max:
+                await self._wait()
 
     async def publish_batch(self) -> int:
         """Publish up to one batch of unpublished rows; return how many were published."""

@@ -94,8 +94,17 @@ async def running(
         await broker.stop()
         await redis.aclose()
         if pool is not None:
-            await pool.close()
+            await _close_pool(pool, settings.graceful_timeout_s)
         log.info("%s stopped", name)
+
+
+async def _close_pool(pool: asyncpg.Pool, timeout_s: float) -> None:
+    """Close gracefully, but never wait forever on a connection something still holds."""
+    try:
+        await asyncio.wait_for(pool.close(), timeout_s)
+    except TimeoutError:
+        log.warning("database connections still busy after %.0fs; closing them", timeout_s)
+        pool.terminate()
 
 
 async def until_stopped() -> None:

@@ -124,11 +124,23 @@ async def test_completion_delivered_three_times_is_booked_once(
     )
     assert len(rows) == 1 and rows[0]["completion_event_id"] == first.event_id
     assert rows[0]["margin"] == rows[0]["revenue"] - rows[0]["cost"]
-    logged = await pool.fetchval(
-        "SELECT count(*) FROM ledger.events WHERE request_id = $1 AND event_type = 'job.completed'",
-        job.request_id,
+
+    async def both_completions_logged() -> bool:
+        logged = await pool.fetchval(
+            "SELECT count(*) FROM ledger.events "
+            "WHERE request_id = $1 AND event_type = 'job.completed'",
+            job.request_id,
+        )
+        return logged == 2
+
+    # Both distinct completions are in the log; only the first is billed.
+    await eventually(both_completions_logged)
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM ledger.request_usage WHERE request_id = $1", job.request_id
+        )
+        == 1
     )
-    assert logged == 2  # Both distinct completions are in the log; only one is billed.
     assert await redis.xlen(streams.booked) == 1
 
     usage = (await factory.get("/v1/usage", headers=auth(key))).json()

@@ -108,11 +108,8 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
             app.state.runtime = runtime
             app.state.keys = KeyCache(runtime.db)
             app.state.waiter = jobs.CompletionWaiter(runtime.db)
-            await app.state.waiter.start()
-            try:
+            async with app.state.waiter.listening():
                 yield
-            finally:
-                await app.state.waiter.stop()
 
     app = FastAPI(title="tokenmill intake", version="0.1.0", lifespan=lifespan)
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import asyncpg
 
+from tokenmill.db import listening
 from tokenmill.events import (
     JobCompleted,
     JobFailed,
@@ -219,19 +220,10 @@ class CompletionWaiter:
     def __init__(self, pool: asyncpg.Pool):
         self._pool = pool
         self._waiters: dict[str, set[asyncio.Event]] = {}
-        self._listener: asyncpg.Connection | None = None
 
-    async def start(self) -> None:
-        self._listener = await self._pool.acquire()
-        await self._listener.add_listener(JOB_DONE_CHANNEL, self._on_notify)
-
-    async def stop(self) -> None:
-        if self._listener is None:
-            return
-        # The database may have gone away first; then the listener is gone with it.
-        with contextlib.suppress(asyncpg.InterfaceError, OSError):
-            await self._listener.remove_listener(JOB_DONE_CHANNEL, self._on_notify)
-        await self._pool.release(self._listener)
+    def listening(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Hear completions while the block runs; waits only wake up inside it."""
+        return listening(self._pool, JOB_DONE_CHANNEL, self._on_notify)
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, request_id: str) -> None:
         for event in self._waiters.get(request_id, ()):

@@ -18,7 +18,7 @@ from tokenmill import tracing
 from tokenmill.db import create_pool
 from tokenmill.outbox import OutboxRelay
 from tokenmill.settings import Settings
-from tokenmill.streams import Streams, create_groups, publish
+from tokenmill.streams import Streams, create_groups, prune_consumers, publish
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,9 @@ async def running(
     runtime = Runtime(name, settings, broker, redis, pool, Streams(settings.stream_prefix))
     loops: list[asyncio.Task[None]] = []
     try:
-        await create_groups(redis, runtime.streams.groups(settings.region))
+        pairs = runtime.streams.groups(settings.region)
+        await create_groups(redis, pairs)
+        await prune_consumers(redis, pairs, settings.consumer_idle_prune_ms)
         background = await wire(runtime)
         await broker.start()
         loops = [asyncio.create_task(coro, name=f"{name}-loop") for coro in background]

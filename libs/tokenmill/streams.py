@@ -104,6 +104,24 @@ async def create_groups(redis: RedisClient, pairs: list[tuple[str, str]]) -> Non
                 raise
 
 
+async def prune_consumers(
+    redis: RedisClient, pairs: list[tuple[str, str]], idle_ms_min: int
+) -> int:
+    """Delete consumers that hold no pending entries and were idle at least `idle_ms_min`.
+
+    Every process names its consumer after host and pid, so restarts leave names behind.
+    Only empty ones are deleted: nothing pending is ever dropped, and a live consumer that
+    happens to be removed is recreated by its next read. Returns how many were deleted.
+    """
+    deleted = 0
+    for stream, group in pairs:
+        for consumer in await redis.xinfo_consumers(stream, group):
+            if consumer["pending"] == 0 and consumer["idle"] >= idle_ms_min:
+                await redis.xgroup_delconsumer(stream, group, consumer["name"])
+                deleted += 1
+    return deleted
+
+
 async def publish(
     broker: RedisBroker,
     stream: str,

@@ -8,7 +8,7 @@ from tests.integration.helpers import eventually, started
 from tokenmill import service
 from tokenmill.events import Event, parse_event
 from tokenmill.settings import Settings
-from tokenmill.streams import Delivery, Streams, consume
+from tokenmill.streams import Delivery, Streams, consume, prune_consumers
 
 
 def consumer_of(stream: str, handler) -> service.Wiring:
@@ -119,3 +119,19 @@ async def test_entry_that_always_fails_is_dead_lettered_after_max_deliveries(
     ((raw, reason),) = given_up
     assert parse_event(raw).request_id == "job_poison" and "delivered" in reason
     assert (await redis.xpending(stream, "intake"))["pending"] == 0
+
+
+async def test_idle_consumers_with_nothing_pending_are_pruned_and_busy_ones_kept(
+    test_settings: Settings, redis: RedisClient
+):
+    stream = Streams(test_settings.stream_prefix).progress
+    for request_id in ("job_1", "job_2"):
+        await redis.xadd(stream, {"__data__": started(request_id).canonical_json()})
+    ((_, [(done_id, _)]),) = await redis.xreadgroup("intake", "gone", {stream: ">"}, count=1)
+    await redis.xack(stream, "intake", done_id)
+    await redis.xreadgroup("intake", "crashed", {stream: ">"}, count=1)
+
+    deleted = await prune_consumers(redis, [(stream, "intake")], idle_ms_min=0)
+
+    names = {c["name"] for c in await redis.xinfo_consumers(stream, "intake")}
+    assert deleted == 1 and names == {b"crashed"}, names

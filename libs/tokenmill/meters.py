@@ -7,7 +7,6 @@ minus the counter before it; a telemetry sample is the difference over its windo
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from decimal import Decimal
@@ -17,8 +16,6 @@ import psutil
 
 from tokenmill.money import to_decimal
 from tokenmill.settings import Settings
-
-log = logging.getLogger(__name__)
 
 
 class Meter(Protocol):

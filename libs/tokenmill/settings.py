@@ -49,7 +49,6 @@ class Settings:
     claim_idle_ms: int = 30_000
     max_deliveries: int = 5
     read_batch_max: int = 16
-    stream_maxlen: int = 1_000_000
     # Consumers with nothing pending and idle this long are removed from their groups.
     consumer_idle_prune_ms: int = 3_600_000
     outbox_batch_max: int = 100

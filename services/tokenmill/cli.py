@@ -21,7 +21,7 @@ from redis.asyncio import Redis as RedisClient
 from redis.exceptions import RedisError
 
 from tokenmill import service
-from tokenmill.db import create_pool, migrate
+from tokenmill.db import migrate
 from tokenmill.embedded import EmbeddedInfra
 from tokenmill.settings import Settings
 from tokenmill.streams import Streams, create_groups
@@ -61,23 +61,41 @@ async def bootstrap(settings: Settings) -> list[str]:
 
 
 async def create_key(settings: Settings, name: str, tier: str, region: str) -> tuple[str, str]:
+    """Create a customer and its first API key; return (customer id, key)."""
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        async with conn.transaction():
+            return await _customer_with_key(conn, name, tier, region)
+    finally:
+        await conn.close()
+
+
+async def default_customer_key(settings: Settings) -> str | None:
+    """On a database with no customers yet, create a default one and return its key."""
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        async with conn.transaction():
+            if await conn.fetchval("SELECT exists(SELECT 1 FROM intake.customers)"):
+                return None
+            _, key = await _customer_with_key(conn, "default", "standard", settings.region)
+            return key
+    finally:
+        await conn.close()
+
+
+async def _customer_with_key(
+    conn: asyncpg.Connection, name: str, tier: str, region: str
+) -> tuple[str, str]:
     from tokenmill.intake.keys import create_customer, issue_key
 
-    pool = await create_pool(dataclasses.replace(settings, db_pool_min=1, db_pool_max=1))
-    try:
-        async with pool.acquire() as conn, conn.transaction():
-            customer = await create_customer(conn, name, tier, region)
-            return customer.customer_id, await issue_key(conn, customer.customer_id)
-    finally:
-        await pool.close()
+    customer = await create_customer(conn, name, tier, region)
+    return customer.customer_id, await issue_key(conn, customer.customer_id)
 
 
-async def has_customers(settings: Settings) -> bool:
-    pool = await create_pool(dataclasses.replace(settings, db_pool_min=1, db_pool_max=1))
-    try:
-        return bool(await pool.fetchval("SELECT exists(SELECT 1 FROM intake.customers)"))
-    finally:
-        await pool.close()
+async def prepare(settings: Settings) -> str | None:
+    """Bootstrap the servers for `up`; return the first API key if one was just made."""
+    await bootstrap(settings)
+    return await default_customer_key(settings)
 
 
 def spawn(name: str, settings: Settings) -> subprocess.Popen:
@@ -165,11 +183,7 @@ def print_banner(settings: Settings, first_key: str | None) -> None:
 
 def cmd_up(settings: Settings, _: argparse.Namespace) -> None:
     with infrastructure(settings) as resolved:
-        asyncio.run(bootstrap(resolved))
-        first_key = None
-        if not asyncio.run(has_customers(resolved)):
-            _, first_key = asyncio.run(create_key(resolved, "default", "standard", resolved.region))
-        supervise(resolved, first_key)
+        supervise(resolved, asyncio.run(prepare(resolved)))
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:

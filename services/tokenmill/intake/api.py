@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -17,8 +16,6 @@ from tokenmill.intake import jobs, views
 from tokenmill.intake.keys import Customer, KeyCache
 from tokenmill.intake.requests import Api, GenerationRequest, InvalidRequest, validate
 from tokenmill.settings import Settings
-
-log = logging.getLogger(__name__)
 
 OPENAI_PREFIXES = ("/v1/chat/", "/v1/completions", "/v1/models")
 IDEMPOTENCY_KEY_CHARS_MAX = 255

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from datetime import datetime
 
 from tokenmill.events import EnergyReading, JobCompleted, JobFailed, JobSubmitted, utc_now
@@ -29,7 +28,7 @@ class Engine:
         self.worker = worker
         self._busy = threading.Lock()
 
-    def run(self, job: JobSubmitted, on_token: Callable[[int], None] | None = None):
+    def run(self, job: JobSubmitted) -> JobCompleted | JobFailed:
         """Run `job` to a JobCompleted, or to a JobFailed when the model cannot take it."""
         messages = [m.model_dump() for m in job.messages] if job.messages else None
         try:
@@ -44,7 +43,7 @@ class Engine:
             with self._busy:
                 started_at = utc_now()
                 energy_before_j = self.meter.energy_j()
-                generation = self.runner.generate(prompt_ids, params, on_token)
+                generation = self.runner.generate(prompt_ids, params)
                 energy_after_j = self.meter.energy_j()
                 finished_at = utc_now()
         except ValueError as exc:

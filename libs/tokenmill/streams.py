@@ -142,6 +142,18 @@ def event_headers(event: Event) -> dict[str, str]:
     return {"event_id": event.event_id, "event_type": event.type, **tracing.inject()}
 
 
+# KEYS[1] stream; ARGV group, consumer, entry id. Returns 1 if renewed, 0 if the entry is not
+# pending for this consumer (claimed by another, or acknowledged).
+_RENEW_IF_OWNER = """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #pending == 0 or pending[1][2] ~= ARGV[2] then
+    return 0
+end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
+return 1
+"""
+
+
 @dataclass(frozen=True)
 class Delivery:
     """One delivery of one stream entry to one consumer of a group."""
@@ -152,15 +164,18 @@ class Delivery:
     entry_id: str
     redis: RedisClient
 
-    async def keep_alive(self) -> None:
-        """Reset the entry's idle time so claimers leave a long-running job alone.
+    async def keep_alive(self) -> bool:
+        """Renew this consumer's lease on the entry; False if it is no longer the owner.
 
-        XCLAIM with JUSTID and a zero idle threshold re-claims the entry for its current
-        owner without counting a new delivery.
+        XCLAIM with JUSTID and a zero idle threshold resets the entry's idle time without
+        counting a new delivery, so claimers leave a long-running job alone. Alone it would
+        also take the entry back from a consumer that claimed it meanwhile, and two workers
+        would run one job; the script checks the owner and renews in one atomic step.
         """
-        await self.redis.xclaim(
-            self.stream, self.group, self.consumer, 0, [self.entry_id], justid=True
+        renewed = await self.redis.eval(
+            _RENEW_IF_OWNER, 1, self.stream, self.group, self.consumer, self.entry_id
         )
+        return bool(renewed)
 
     async def ack(self) -> None:
         await self.redis.xack(self.stream, self.group, self.entry_id)

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from datetime import datetime
 
 from tokenmill.events import EnergyReading, JobCompleted, JobFailed, JobSubmitted, utc_now
 from tokenmill.meters import Meter
 from tokenmill.money import to_decimal
 from tokenmill.worker.model import ModelRunner, SamplingParams
+
+
+class JobAbandoned(Exception):
+    """The job was stopped between two tokens; it has no outcome and nothing is published."""
 
 
 def elapsed_ms(start: datetime, end: datetime) -> float:
@@ -28,8 +33,14 @@ class Engine:
         self.worker = worker
         self._busy = threading.Lock()
 
-    def run(self, job: JobSubmitted) -> JobCompleted | JobFailed:
-        """Run `job` to a JobCompleted, or to a JobFailed when the model cannot take it."""
+    def run(
+        self, job: JobSubmitted, stop: threading.Event | None = None
+    ) -> JobCompleted | JobFailed:
+        """Run `job` to a JobCompleted, or to a JobFailed when the model cannot take it.
+
+        Setting `stop` (from another thread) abandons the job after its current token with
+        JobAbandoned: the worker lost the job to another, or is shutting down.
+        """
         messages = [m.model_dump() for m in job.messages] if job.messages else None
         try:
             prompt_ids = self.runner.encode(job.prompt, messages)
@@ -43,7 +54,7 @@ class Engine:
             with self._busy:
                 started_at = utc_now()
                 energy_before_j = self.meter.energy_j()
-                generation = self.runner.generate(prompt_ids, params)
+                generation = self.runner.generate(prompt_ids, params, _stopper(stop))
                 energy_after_j = self.meter.energy_j()
                 finished_at = utc_now()
         except ValueError as exc:
@@ -86,3 +97,15 @@ class Engine:
             worker=self.worker,
             reason=reason,
         )
+
+
+def _stopper(stop: threading.Event | None) -> Callable[[int], None] | None:
+    """An `on_token` hook that aborts the generation once `stop` is set."""
+    if stop is None:
+        return None
+
+    def check(_token: int) -> None:
+        if stop.is_set():
+            raise JobAbandoned("stopped between tokens")
+
+    return check

@@ -5,24 +5,70 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
+
+from redis.exceptions import RedisError
 
 from tokenmill import service
 from tokenmill.events import Event, JobStarted, JobSubmitted, parse_event, utc_now
 from tokenmill.meters import create_meter
 from tokenmill.streams import Delivery, consume, publish_event
-from tokenmill.worker.engine import Engine, elapsed_ms
+from tokenmill.worker.engine import Engine, JobAbandoned, elapsed_ms
 from tokenmill.worker.model import ModelRunner
 
 log = logging.getLogger(__name__)
 
 
-async def keep_alive_while(task: asyncio.Future, delivery: Delivery, interval_s: float) -> None:
-    """Keep a long job's stream entry fresh so no claimer mistakes this worker for dead."""
+class Stopping(Exception):
+    """The worker is stopping: an entry read now stays pending for another worker to claim."""
+
+
+class LeaseLost(Exception):
+    """Another worker owns this job's entry now: it runs the job and publishes its outcome.
+
+    Raised out of the handler so the entry is not acknowledged: acknowledging would settle an
+    entry that is no longer ours to settle.
+    """
+
+
+async def keep_alive_while(
+    task: asyncio.Future, delivery: Delivery, interval_s: float, lease_s: float
+) -> bool:
+    """Keep a long job's stream entry fresh while `task` runs; False once the lease is lost.
+
+    The lease is lost when another consumer owns the entry (a claimer took it while this
+    worker looked dead), or when no renewal succeeded for `lease_s`: past that a claimer may
+    have taken it without this worker being able to tell.
+    """
+    loop = asyncio.get_running_loop()
+    renewed_at = loop.time()
     while not task.done():
         await asyncio.wait({task}, timeout=interval_s)
-        if not task.done():
-            with contextlib.suppress(Exception):
-                await delivery.keep_alive()
+        if task.done():
+            break
+        try:
+            if not await delivery.keep_alive():
+                return False
+            renewed_at = loop.time()
+        except RedisError as exc:
+            # One line per renewal interval, and only until the lease runs out.
+            log.warning("cannot renew the lease on %s: %s", delivery.entry_id, exc)
+            if loop.time() - renewed_at > lease_s:
+                return False
+    return True
+
+
+async def _abandon(job: asyncio.Future, stop: threading.Event) -> None:
+    """Stop the job's generation between tokens and wait for its thread to let go."""
+    stop.set()
+    with contextlib.suppress(JobAbandoned):
+        await job
+
+
+def _discard_outcome(job: asyncio.Future) -> None:
+    # Retrieve the abandoned job's JobAbandoned so asyncio does not report it as lost.
+    if not job.cancelled():
+        job.exception()
 
 
 async def wire(rt: service.Runtime):
@@ -33,6 +79,18 @@ async def wire(rt: service.Runtime):
     engine = Engine(runner, create_meter(settings, runner.device), settings.consumer)
     log.info("serving %s on %s, metered by %s", runner.name, runner.device, engine.meter.name)
 
+    # Set when the service begins to stop. The runtime cancels background loops before it
+    # stops the broker, whose graceful stop lets the job in hand finish for up to
+    # graceful_timeout_s; an entry the reader or claimer still hands over meanwhile is not
+    # started but left pending.
+    stopping = asyncio.Event()
+
+    async def note_stopping() -> None:
+        try:
+            await asyncio.Future()
+        finally:
+            stopping.set()
+
     async def on_job(event: Event, delivery: Delivery) -> None:
         if not isinstance(event, JobSubmitted):
             return
@@ -41,10 +99,28 @@ async def wire(rt: service.Runtime):
             worker=settings.consumer,
             queue_ms=elapsed_ms(event.occurred_at, utc_now()),
         )
+        if stopping.is_set():
+            raise Stopping(f"{event.request_id} left pending on {delivery.entry_id}")
         await publish_event(rt.broker, rt.streams.progress, started)
-        job = asyncio.ensure_future(asyncio.to_thread(engine.run, event))
-        await keep_alive_while(job, delivery, settings.claim_idle_ms / 3000)
-        await publish_event(rt.broker, rt.streams.completions, job.result())
+        stop = threading.Event()
+        job = asyncio.ensure_future(asyncio.to_thread(engine.run, event, stop))
+        lease_s = settings.claim_idle_ms / 1000
+        try:
+            owner = await keep_alive_while(job, delivery, lease_s / 3, lease_s)
+        except asyncio.CancelledError:
+            # The broker gave up waiting (graceful_timeout_s ran out while stopping): abandon
+            # the job unpublished; its entry stays pending and another worker claims it.
+            stop.set()
+            job.add_done_callback(_discard_outcome)
+            raise
+        if not owner:
+            await _abandon(job, stop)
+            raise LeaseLost(f"{event.request_id}: lost the lease on {delivery.entry_id}")
+        outcome = job.result()
+        # The lease may have been lost since the last renewal; only the owner publishes.
+        if not await delivery.keep_alive():
+            raise LeaseLost(f"{event.request_id}: lost the lease on {delivery.entry_id}")
+        await publish_event(rt.broker, rt.streams.completions, outcome)
 
     async def on_give_up(raw: bytes, reason: str) -> None:
         # A job no worker could finish fails visibly instead of staying queued forever.
@@ -63,4 +139,4 @@ async def wire(rt: service.Runtime):
         max_records=1,
         on_give_up=on_give_up,
     )
-    return []
+    return [note_stopping()]

@@ -1,0 +1,139 @@
+"""The worker's lease on a job's stream entry, on real Redis with the real model: it renews
+only while it owns the entry, stops a job whose entry another worker took, and on stop
+finishes its job within the graceful timeout or leaves it pending unpublished."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from faststream.redis import RedisBroker
+from redis.asyncio import Redis as RedisClient
+
+from tests.integration.helpers import eventually
+from tokenmill import service
+from tokenmill.events import Event, JobSubmitted, parse_event
+from tokenmill.settings import Settings
+from tokenmill.streams import Delivery, Streams, publish_event
+from tokenmill.worker import main as worker_main
+from tokenmill.worker.model import ModelRunner
+
+# Greedy decoding keeps counting long past what any test waits for.
+LONG_PROMPT = "Count from 1 to 1000, separated by commas: 1, 2, 3,"
+
+
+async def test_renew_only_while_owner(test_settings: Settings, redis: RedisClient):
+    stream = Streams(test_settings.stream_prefix).jobs("eu-west")
+    entry_id = (await redis.xadd(stream, {"__data__": "{}"})).decode()
+    await redis.xreadgroup("worker", "consumer-a", {stream: ">"}, count=1)
+    a = Delivery(stream, "worker", "consumer-a", entry_id, redis)
+    assert await a.keep_alive() is True
+
+    await redis.xclaim(stream, "worker", "consumer-b", 0, [entry_id], justid=True)
+    assert await a.keep_alive() is False
+    (pending,) = await redis.xpending_range(stream, "worker", min=entry_id, max=entry_id, count=1)
+    assert pending["consumer"] == b"consumer-b"
+
+    await redis.xack(stream, "worker", entry_id)
+    assert await a.keep_alive() is False
+    assert (await redis.xpending(stream, "worker"))["pending"] == 0
+
+
+@pytest.fixture(scope="module")
+def runner() -> ModelRunner:
+    cache = Path.home() / ".cache" / "tokenmill" / "models"
+    return ModelRunner.load("smollm2", Path(str(cache)))
+
+
+@pytest.fixture
+async def jobs(test_settings: Settings, runner: ModelRunner, monkeypatch) -> AsyncIterator:
+    # The loaded model is shared by every worker these tests start; loading is not under test.
+    monkeypatch.setattr(worker_main.ModelRunner, "load", lambda *_args: runner)
+    broker = RedisBroker(test_settings.redis_url)
+    await broker.connect()
+    streams = Streams(test_settings.stream_prefix)
+
+    async def submit(prompt: str, max_tokens: int) -> JobSubmitted:
+        job = JobSubmitted(
+            producer="test",
+            customer_id="cus_1",
+            request_id=f"job_{prompt[:5]}_{max_tokens}",
+            region="eu-west",
+            tier="standard",
+            model="smollm2",
+            prompt=prompt,
+            max_tokens=max_tokens,
+        )
+        await publish_event(broker, streams.jobs("eu-west"), job)
+        return job
+
+    yield submit
+    await broker.stop()
+
+
+async def events_on(redis: RedisClient, stream: str, request_id: str) -> list[Event]:
+    events = []
+    for _, fields in await redis.xrange(stream):
+        data = fields[b"__data__"]
+        event = parse_event(data[data.index(b"{") :])
+        if event.request_id == request_id:
+            events.append(event)
+    return events
+
+
+async def owner_of(redis: RedisClient, stream: str) -> list[bytes]:
+    pending = await redis.xpending_range(stream, "worker", min="-", max="+", count=10)
+    return [p["consumer"] for p in pending]
+
+
+async def test_a_worker_that_lost_its_lease_stops_the_job_and_publishes_nothing(
+    test_settings: Settings, redis: RedisClient, jobs
+):
+    streams = Streams(test_settings.stream_prefix)
+    jobs_stream = streams.jobs("eu-west")
+    async with service.running("worker", test_settings, worker_main.wire, needs_db=False):
+        long = await jobs(LONG_PROMPT, 2000)
+        await eventually(lambda: _has(redis, streams.progress, long.request_id))
+        (entry,) = await redis.xpending_range(jobs_stream, "worker", "-", "+", 1)
+        # Another worker's claimer takes the entry, as it would from a worker that looked dead.
+        await redis.xclaim(jobs_stream, "worker", "other-worker", 0, [entry["message_id"]])
+        # The worker takes one entry at a time, so a short job completes only once the long
+        # one was stopped; without the stop it would run for minutes.
+        short = await jobs("Hi", 3)
+        await eventually(lambda: _has(redis, streams.completions, short.request_id), 60)
+    assert await events_on(redis, streams.completions, long.request_id) == []
+    assert await owner_of(redis, jobs_stream) == [b"other-worker"]
+
+
+async def test_on_stop_a_job_past_the_graceful_timeout_is_left_pending_unpublished(
+    test_settings: Settings, redis: RedisClient, jobs
+):
+    streams = Streams(test_settings.stream_prefix)
+    impatient = dataclasses.replace(test_settings, graceful_timeout_s=0.5)
+    async with service.running("worker", impatient, worker_main.wire, needs_db=False):
+        long = await jobs(LONG_PROMPT, 2000)
+        await eventually(lambda: _has(redis, streams.progress, long.request_id))
+    assert await events_on(redis, streams.completions, long.request_id) == []
+    assert await owner_of(redis, streams.jobs("eu-west")) == [test_settings.consumer.encode()]
+
+
+async def test_on_stop_the_job_in_hand_finishes_and_no_new_one_starts(
+    test_settings: Settings, redis: RedisClient, jobs
+):
+    streams = Streams(test_settings.stream_prefix)
+    async with service.running("worker", test_settings, worker_main.wire, needs_db=False):
+        first = await jobs("Hello", 12)
+        await eventually(lambda: _has(redis, streams.progress, first.request_id))
+        second = await jobs("Again", 12)
+    (completed,) = await events_on(redis, streams.completions, first.request_id)
+    assert completed.type == "job.completed"
+    assert await events_on(redis, streams.progress, second.request_id) == []
+    assert await events_on(redis, streams.completions, second.request_id) == []
+    # The first entry was acknowledged; the second was never started by this worker.
+    assert await owner_of(redis, streams.jobs("eu-west")) in ([], [test_settings.consumer.encode()])
+
+
+async def _has(redis: RedisClient, stream: str, request_id: str) -> bool:
+    return bool(await events_on(redis, stream, request_id))

@@ -24,8 +24,8 @@ from tokenmill.streams import event_headers
 
 log = logging.getLogger(__name__)
 
-# Publishes a batch of (stream, body, headers) rows, all or raise.
-PublishBatch = Callable[[list[tuple[str, str, dict[str, str]]]], Awaitable[None]]
+# Publishes a batch of (stream, body, headers) rows, all or raise; returns their entry ids.
+PublishBatch = Callable[[list[tuple[str, str, dict[str, str]]]], Awaitable[list[str]]]
 
 RETRY_DELAY_S_MAX = 5.0
 
@@ -50,6 +50,19 @@ async def enqueue(conn: asyncpg.Connection, schema: str, stream: str, event: Eve
     await conn.execute(
         f"INSERT INTO {schema}.outbox {OUTBOX_COLUMNS} VALUES ($1, $2, $3, $4, $5)",
         *outbox_values(stream, event),
+    )
+
+
+async def mark_published(
+    conn: asyncpg.Connection, schema: str, seqs: list[int], entry_ids: list[str]
+) -> None:
+    """Record that rows `seqs` were published now as the stream entries `entry_ids`."""
+    assert len(seqs) == len(entry_ids), (seqs, entry_ids)
+    await conn.execute(
+        f"UPDATE {schema}.outbox o SET published_at = now(), entry_id = p.entry_id "
+        "FROM unnest($1::bigint[], $2::text[]) AS p(seq, entry_id) WHERE o.seq = p.seq",
+        seqs,
+        entry_ids,
     )
 
 
@@ -92,11 +105,10 @@ class OutboxRelay:
                 self._batch_max,
             )
             if rows:
-                await self._publish([(r["stream"], r["body"], r["headers"]) for r in rows])
-                await conn.execute(
-                    f"UPDATE {self._schema}.outbox SET published_at = now() WHERE seq = ANY($1)",
-                    [row["seq"] for row in rows],
+                entry_ids = await self._publish(
+                    [(r["stream"], r["body"], r["headers"]) for r in rows]
                 )
+                await mark_published(conn, self._schema, [r["seq"] for r in rows], entry_ids)
         assert len(rows) <= self._batch_max
         return len(rows)
 

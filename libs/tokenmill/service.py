@@ -17,6 +17,7 @@ from redis.asyncio import Redis as RedisClient
 from tokenmill import tracing
 from tokenmill.db import create_pool
 from tokenmill.outbox import OutboxRelay
+from tokenmill.reconciler import Reconciler
 from tokenmill.settings import Settings
 from tokenmill.streams import Streams, create_groups, prune_consumers, publish
 
@@ -40,16 +41,26 @@ class Runtime:
         return self.pool
 
     def outbox_relay(self, schema: str) -> Coroutine[Any, Any, None]:
-        """The loop that publishes `schema`'s committed outbox rows through this broker."""
+        """The loops that publish `schema`'s committed outbox rows through this broker, and
+        republish the ones whose stream entries Redis lost."""
 
-        async def publish_rows(rows: list[tuple[str, str, dict[str, str]]]) -> None:
-            # One round trip for the whole batch, not one per event.
+        async def publish_rows(rows: list[tuple[str, str, dict[str, str]]]) -> list[str]:
+            # One round trip for the whole batch, not one per event; returns the entry ids.
             async with self.redis.pipeline(transaction=False) as pipe:
                 for stream, body, headers in rows:
                     await publish(self.broker, stream, body, headers, pipeline=pipe)
-                await pipe.execute()
+                entry_ids = await pipe.execute()
+            return [entry_id.decode() for entry_id in entry_ids]
 
-        return OutboxRelay(self.db, schema, publish_rows, self.settings).run()
+        relay = OutboxRelay(self.db, schema, publish_rows, self.settings)
+        groups = self.streams.groups(self.settings.region)
+        reconciler = Reconciler(self.db, self.redis, schema, publish_rows, self.settings, groups)
+        return _all_of(relay.run(), reconciler.run())
+
+
+async def _all_of(*loops: Coroutine[Any, Any, None]) -> None:
+    # Cancelling this cancels every loop in it.
+    await asyncio.gather(*loops)
 
 
 # Wiring registers subscribers on the broker and returns the background loops to run.

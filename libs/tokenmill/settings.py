@@ -65,6 +65,16 @@ class Settings:
     db_pool_min: int = 1
     db_pool_max: int = 10
 
+    # H4 reconcile: the reconciler, which republishes outbox events whose stream entries Redis
+    # lost (its AOF is fsynced once a second, so a machine crash loses the last second). Every
+    # interval it checks up to a batch of rows published more than `reconcile_after_s` ago;
+    # inspector and ledger rows only within the last `reconcile_window_s`, intake job events
+    # for as long as their request is queued.
+    reconcile_interval_s: float = 10.0
+    reconcile_after_s: float = 30.0
+    reconcile_window_s: float = 3600.0
+    reconcile_batch_max: int = 100
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
         env = os.environ if environ is None else environ

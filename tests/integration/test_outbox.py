@@ -25,12 +25,14 @@ class FlakyRedis:
         self.down = True
         self.failures = 0
 
-    async def publish(self, rows: list[tuple[str, str, dict[str, str]]]) -> None:
+    async def publish(self, rows: list[tuple[str, str, dict[str, str]]]) -> list[str]:
         if self.down:
             self.failures += 1
             raise ConnectionError("redis is down")
-        for stream, body, _headers in rows:
-            await self.redis.xadd(stream, {"__data__": body})
+        return [
+            (await self.redis.xadd(stream, {"__data__": body})).decode()
+            for stream, body, _headers in rows
+        ]
 
 
 @pytest.fixture
@@ -71,8 +73,14 @@ async def test_events_committed_while_redis_is_down_are_published_in_order_when_
         return await pool.fetchval(marked) == 0
 
     await eventually(all_published)
-    published = [parse_event(f[b"__data__"]).event_id for _, f in await redis.xrange(stream)]
+    entries = await redis.xrange(stream)
+    published = [parse_event(f[b"__data__"]).event_id for _, f in entries]
     assert published == [e.event_id for e in events]
+    # Each row records the entry it became, for the reconciler to look up.
+    recorded = await pool.fetch(
+        "SELECT entry_id FROM intake.outbox WHERE event_id = ANY($1) ORDER BY seq", published
+    )
+    assert [r["entry_id"] for r in recorded] == [entry_id.decode() for entry_id, _ in entries]
 
 
 async def test_an_event_whose_transaction_rolled_back_is_never_published(

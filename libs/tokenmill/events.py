@@ -161,6 +161,9 @@ class UsageBooked(Event):
     revenue: Decimal
     currency: str
     price_version: str
+    # The completion booked: the request's canonical one, whose output the customer is shown
+    # and whose verdict counts. None only in bookings made before the field existed.
+    completion_event_id: str | None = None
 
 
 AnyEvent = Annotated[

@@ -110,15 +110,16 @@ async def test_completion_delivered_three_times_is_booked_once(
     # 10 x $0.50/M + 5 x $1.50/M; 3600 J = 0.001 kWh x 1.2 x $0.12 + 36 s = 0.01 h x $0.04.
     assert view["billing"] == {"revenue": "0.0000125", "cost": "0.000544", "currency": "USD"}
 
-    async def verdict_recorded() -> bool:
-        return (
-            await pool.fetchval(
-                "SELECT count(*) FROM ledger.quality WHERE request_id = $1", job.request_id
-            )
-            == 1
-        )
+    async def verdicts_recorded() -> bool:
+        judged = "SELECT count(*) FROM ledger.quality WHERE request_id = $1"
+        return await pool.fetchval(judged, job.request_id) == 2
 
-    await eventually(verdict_recorded)
+    # Each distinct completion is judged; the request's verdict is the booked one's.
+    await eventually(verdicts_recorded)
+    counted = await pool.fetch(
+        "SELECT * FROM ledger.request_quality WHERE request_id = $1", job.request_id
+    )
+    assert [r["completion_event_id"] for r in counted] == [first.event_id]
     rows = await pool.fetch(
         "SELECT * FROM ledger.request_usage WHERE request_id = $1", job.request_id
     )

@@ -1,4 +1,9 @@
-"""Inspector service: one verdict per completed output, published for the books."""
+"""Inspector service: one verdict per completed output, published for the books.
+
+A re-run job can complete more than once with different outputs; each completion is judged
+on its own, keyed by its event id, and the ledger counts the verdict on the completion it
+booked.
+"""
 
 from __future__ import annotations
 
@@ -29,10 +34,11 @@ def judge(event: JobCompleted) -> QualityVerdict:
 
 
 async def record(conn: asyncpg.Connection, judged: QualityVerdict, quality_stream: str) -> None:
-    """Store the verdict and queue its event, once per request."""
+    """Store the verdict and queue its event, once per completion."""
     inserted = await conn.fetchval(
         "INSERT INTO inspector.verdicts (request_id, completion_event_id, verdict, signals, "
-        "event_id) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (request_id) DO NOTHING RETURNING true",
+        "event_id) VALUES ($1, $2, $3, $4, $5) "
+        "ON CONFLICT (completion_event_id) DO NOTHING RETURNING true",
         judged.request_id,
         judged.completion_event_id,
         judged.verdict,

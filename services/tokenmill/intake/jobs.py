@@ -139,16 +139,36 @@ async def mark_started(conn: asyncpg.Connection, event: JobStarted) -> None:
     )
 
 
+# A re-run job can complete twice with different outputs, and the ledger decides which one is
+# canonical: the one it booked, named by UsageBooked. Waiting for the booking before answering
+# would add the ledger's round trip to every chat request, so the intake keeps every
+# completion it sees (intake.completions) and shows the first one at once, provisionally; once
+# the booking names another, the request switches to that one. The switch happens only for a
+# re-run that the streams delivered in a different order to the intake and the ledger, and
+# afterwards output, usage and bill all refer to the same completion.
+_SHOW_COMPLETION_SQL = """
+UPDATE intake.requests r SET status = 'completed',
+    started_at = coalesce(r.started_at, r.submitted_at), completion_event_id = $1,
+    completed_at = c.completed_at, output_text = c.output_text,
+    finish_reason = c.finish_reason, prompt_tokens = c.prompt_tokens,
+    completion_tokens = c.completion_tokens, queue_ms = c.queue_ms, ttft_ms = c.ttft_ms,
+    e2e_ms = c.e2e_ms, energy_j = c.energy_j, meter = c.meter,
+    energy_estimated = c.energy_estimated, error = NULL
+FROM intake.completions c
+WHERE c.completion_event_id = $1 AND r.request_id = c.request_id
+  AND r.completion_event_id IS DISTINCT FROM $1
+  AND (r.status IN ('queued', 'running') OR r.booked_completion_event_id = $1)"""
+
+
 async def mark_completed(conn: asyncpg.Connection, event: JobCompleted) -> None:
-    # Only the first completion counts; a re-run after a worker crash changes nothing.
-    updated = await conn.execute(
-        "UPDATE intake.requests SET status = 'completed', started_at = coalesce(started_at, $2), "
-        "completed_at = $3, output_text = $4, finish_reason = $5, prompt_tokens = $6, "
-        "completion_tokens = $7, queue_ms = $8, ttft_ms = $9, e2e_ms = $10, energy_j = $11, "
-        "meter = $12, energy_estimated = $13 "
-        "WHERE request_id = $1 AND status IN ('queued', 'running')",
+    await conn.execute(
+        "INSERT INTO intake.completions (completion_event_id, request_id, completed_at, "
+        "output_text, finish_reason, prompt_tokens, completion_tokens, queue_ms, ttft_ms, "
+        "e2e_ms, energy_j, meter, energy_estimated) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) "
+        "ON CONFLICT (completion_event_id) DO NOTHING",
+        event.event_id,
         event.request_id,
-        event.submitted_at,
         event.occurred_at,
         event.text,
         event.finish_reason,
@@ -161,8 +181,13 @@ async def mark_completed(conn: asyncpg.Connection, event: JobCompleted) -> None:
         event.energy.meter,
         event.energy.estimated,
     )
-    if updated != "UPDATE 0":
-        await _notify_done(conn, event.request_id)
+    await _show_completion(conn, event.request_id, event.event_id)
+
+
+async def _show_completion(conn: asyncpg.Connection, request_id: str, event_id: str) -> None:
+    """Show completion `event_id` if it is the first one or the booked one."""
+    if await conn.execute(_SHOW_COMPLETION_SQL, event_id) != "UPDATE 0":
+        await _notify_done(conn, request_id)
 
 
 async def mark_failed(conn: asyncpg.Connection, event: JobFailed) -> None:
@@ -178,14 +203,19 @@ async def mark_failed(conn: asyncpg.Connection, event: JobFailed) -> None:
 
 async def mark_booked(conn: asyncpg.Connection, event: UsageBooked) -> None:
     await conn.execute(
-        "UPDATE intake.requests SET booked_at = $2, cost = $3, revenue = $4, currency = $5 "
-        "WHERE request_id = $1 AND booked_at IS NULL",
+        "UPDATE intake.requests SET booked_at = $2, cost = $3, revenue = $4, currency = $5, "
+        "booked_completion_event_id = $6 WHERE request_id = $1 AND booked_at IS NULL",
         event.request_id,
         event.occurred_at,
         event.cost,
         event.revenue,
         event.currency,
+        event.completion_event_id,
     )
+    # The booked completion may not have reached the intake yet; then mark_completed shows it
+    # when it does.
+    if event.completion_event_id is not None:
+        await _show_completion(conn, event.request_id, event.completion_event_id)
 
 
 async def _notify_done(conn: asyncpg.Connection, request_id: str) -> None:

@@ -69,7 +69,9 @@ async def book_completion(
 
     A worker that died after publishing but before acknowledging runs the job again and
     publishes a second completion with a new event id. The request id is the business key, so
-    only the first completion is ever billed.
+    only the first completion the ledger sees is ever billed, and that completion is the
+    request's canonical one: UsageBooked names it, the intake shows its output, and only its
+    verdict counts for the request.
     """
     usage = Usage(
         event.prompt_tokens, event.completion_tokens, event.energy.energy_j, event.compute_s
@@ -119,15 +121,19 @@ async def book_completion(
         revenue=books.revenue,
         currency=books.currency,
         price_version=books.price_version,
+        completion_event_id=event.event_id,
     )
     await enqueue(conn, SCHEMA, booked_stream, booked)
     return True
 
 
 async def record_verdict(conn: asyncpg.Connection, event: QualityVerdict) -> None:
+    """Keep the verdict on one completion; the request's is its booked completion's
+    (the ledger.request_quality view)."""
     await conn.execute(
-        "INSERT INTO ledger.quality (request_id, verdict, signals, event_id) "
-        "VALUES ($1, $2, $3, $4) ON CONFLICT (request_id) DO NOTHING",
+        "INSERT INTO ledger.quality (completion_event_id, request_id, verdict, signals, event_id) "
+        "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (completion_event_id) DO NOTHING",
+        event.completion_event_id,
         event.request_id,
         event.verdict,
         [s.model_dump() for s in event.signals],

@@ -18,7 +18,21 @@ from tokenmill.settings import Settings
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+
+def find_migrations_dir(package_dir: Path) -> Path:
+    """Where the migrations are, for the `tokenmill` package installed in `package_dir`.
+
+    A wheel (and so the container) carries them inside the package, as tokenmill/migrations
+    (pyproject's force-include); an editable install reads the repository's top-level
+    migrations/, the single source, two levels above libs/tokenmill.
+    """
+    for candidate in (package_dir / "migrations", package_dir.parents[1] / "migrations"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"no migrations/ inside or beside the package at {package_dir}")
+
+
+MIGRATIONS_DIR = find_migrations_dir(Path(__file__).resolve().parent)
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 # Any fixed number works: it only has to be the same in every process that migrates.
 _MIGRATION_LOCK_KEY = 0x746D_6D69

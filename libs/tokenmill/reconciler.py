@@ -119,7 +119,7 @@ class Reconciler:
             window = (self._window_s,) if "$4" in query else ()
             rows = await conn.fetch(query, self._after_s, self._cursor, self._batch_max, *window)
             self._cursor = rows[-1]["seq"] if len(rows) == self._batch_max else 0
-            lost = [row for row in rows if not await self._entry_present(row)]
+            lost = await self._lost(rows) if rows else []
             if not lost:
                 return []
             entry_ids = await self._publish([(r["stream"], r["body"], r["headers"]) for r in lost])
@@ -135,11 +135,18 @@ class Reconciler:
             )
         return [row["event_id"] for row in lost]
 
-    async def _entry_present(self, row: asyncpg.Record) -> bool:
-        stream = row["stream"]
-        if not await self._redis.exists(stream):
-            # Redis lost the whole stream, its consumer groups with it: recreate them first,
-            # or the republished entry would reach no consumer.
-            await create_groups(self._redis, [(s, g) for s, g in self._groups if s == stream])
-            return False
-        return bool(await self._redis.xrange(stream, row["entry_id"], row["entry_id"], count=1))
+    async def _lost(self, rows: list[asyncpg.Record]) -> list[asyncpg.Record]:
+        """The rows whose entries are gone from their streams, looked up in one round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for row in rows:
+                pipe.exists(row["stream"])
+                pipe.xrange(row["stream"], row["entry_id"], row["entry_id"], count=1)
+            replies = await pipe.execute()
+        streams_exist, entries = replies[::2], replies[1::2]
+        gone = {
+            row["stream"] for row, exists in zip(rows, streams_exist, strict=True) if not exists
+        }
+        # Redis lost whole streams, their consumer groups with them: recreate the groups first,
+        # or the republished entries would reach no consumer.
+        await create_groups(self._redis, [(s, g) for s, g in self._groups if s in gone])
+        return [row for row, entry in zip(rows, entries, strict=True) if not entry]

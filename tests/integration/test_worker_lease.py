@@ -4,6 +4,7 @@ finishes its job within the graceful timeout or leaves it pending unpublished.""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -39,6 +40,18 @@ async def test_renew_only_while_owner(test_settings: Settings, redis: RedisClien
     await redis.xack(stream, "worker", entry_id)
     assert await a.keep_alive() is False
     assert (await redis.xpending(stream, "worker"))["pending"] == 0
+
+
+async def test_a_lease_that_cannot_be_renewed_for_a_claim_timeout_is_lost():
+    # A Redis nobody listens on: every renewal fails to connect.
+    unreachable = RedisClient.from_url("redis://127.0.0.1:1", socket_connect_timeout=0.1)
+    delivery = Delivery("tm.jobs", "worker", "consumer-a", "1-0", unreachable)
+    running_job = asyncio.get_running_loop().create_future()
+    try:
+        owner = await worker_main.keep_alive_while(running_job, delivery, 0.05, lease_s=0.3)
+    finally:
+        await unreachable.aclose()
+    assert owner is False and not running_job.done()
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from tests.e2e.factory import SERVICES, Factory, free_port
 from tokenmill.cli import bootstrap, create_key
 from tokenmill.events import new_id
 from tokenmill.settings import Settings
+from tokenmill.signing import new_key_spec
 
 ADMIN_URL = os.environ.get(
     "TOKENMILL_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -119,6 +120,7 @@ async def main(args: argparse.Namespace) -> None:
         http_port=free_port(),
         meter="modelled-cpu",
         device="cpu",
+        signing_keys=new_key_spec(),
     )
     factory = Factory(settings, Path(tempfile.mkdtemp(prefix="tokenmill-bench-")))
     bare_port = free_port()

@@ -18,6 +18,7 @@ from tokenmill import tracing
 from tokenmill.db import create_pool
 from tokenmill.outbox import OutboxRelay
 from tokenmill.settings import Settings
+from tokenmill.signing import SigningKeys
 from tokenmill.streams import Streams, create_groups, prune_consumers, publish
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class Runtime:
     redis: RedisClient
     pool: asyncpg.Pool | None
     streams: Streams
+    keys: SigningKeys
 
     @property
     def db(self) -> asyncpg.Pool:
@@ -46,7 +48,7 @@ class Runtime:
             # One round trip for the whole batch, not one per event.
             async with self.redis.pipeline(transaction=False) as pipe:
                 for stream, body, headers in rows:
-                    await publish(self.broker, stream, body, headers, pipeline=pipe)
+                    await publish(self.broker, stream, body, headers, self.keys, pipeline=pipe)
                 await pipe.execute()
 
         return OutboxRelay(self.db, schema, publish_rows, self.settings).run()
@@ -68,6 +70,7 @@ async def running(
 ) -> AsyncIterator[Runtime]:
     """Start a service's broker, pool and background loops; stop them all on exit."""
     assert settings.redis_url, "redis_url must be resolved before a service starts"
+    keys = SigningKeys.parse(settings.signing_keys)
     tracing.setup(name)
     # Per-message "Received/Processed" lines at DEBUG: at INFO they drown every other log line.
     broker = RedisBroker(
@@ -78,7 +81,7 @@ async def running(
     )
     redis = RedisClient.from_url(settings.redis_url)
     pool = await create_pool(settings) if needs_db else None
-    runtime = Runtime(name, settings, broker, redis, pool, Streams(settings.stream_prefix))
+    runtime = Runtime(name, settings, broker, redis, pool, Streams(settings.stream_prefix), keys)
     loops: list[asyncio.Task[None]] = []
     try:
         pairs = runtime.streams.groups(settings.region)

@@ -65,6 +65,11 @@ class Settings:
     db_pool_min: int = 1
     db_pool_max: int = 10
 
+    # Delivery (issue 9, slice H3). Event signing keys, "kid:secret[,kid:secret...]": the first
+    # signs every published event, all of them verify (so keys rotate without a gap). `up`
+    # creates one in the data dir when none is configured; `serve` refuses to run without.
+    signing_keys: str = ""
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
         env = os.environ if environ is None else environ

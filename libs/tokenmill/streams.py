@@ -5,10 +5,15 @@ reader, runs a claimer (XAUTOCLAIM) that takes over entries left pending by a co
 died. An entry is acknowledged only after its handler committed; an entry delivered more than
 `max_deliveries` times, or one that does not parse as an event, is moved to the stream's
 dead-letter stream with its reason and acknowledged, so one bad entry never blocks a group.
+
+Every entry is signed where it is published (`publish`) and verified before its handler runs;
+an unsigned or badly signed entry goes to the dead letters with the reason, so the books only
+ever contain events a holder of the deployment's signing key published.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,6 +29,7 @@ from redis.exceptions import ResponseError
 from tokenmill import tracing
 from tokenmill.events import Event, parse_event
 from tokenmill.settings import Settings
+from tokenmill.signing import SIGNATURE_HEADER, SigningKeys
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +133,18 @@ async def publish(
     stream: str,
     body: str,
     headers: dict[str, str],
+    keys: SigningKeys,
     pipeline: Pipeline | None = None,
 ) -> None:
+    """Publish `body` signed with the deployment's signing key: every producer comes here."""
+    signed = {**headers, SIGNATURE_HEADER: keys.sign(body.encode())}
     # No MAXLEN here: Redis is transport, not the record, and trimming by length could drop
     # entries some group has not acknowledged yet.
-    await broker.publish(body, stream=stream, headers=headers, pipeline=pipeline)
+    await broker.publish(body, stream=stream, headers=signed, pipeline=pipeline)
 
 
-async def publish_event(broker: RedisBroker, stream: str, event: Event) -> None:
-    await publish(broker, stream, event.canonical_json(), event_headers(event))
+async def publish_event(broker: RedisBroker, stream: str, event: Event, keys: SigningKeys) -> None:
+    await publish(broker, stream, event.canonical_json(), event_headers(event), keys)
 
 
 def event_headers(event: Event) -> dict[str, str]:
@@ -165,8 +174,12 @@ class Delivery:
     async def ack(self) -> None:
         await self.redis.xack(self.stream, self.group, self.entry_id)
 
-    async def dead_letter(self, reason: str, raw: bytes) -> None:
-        """Move the entry to the dead-letter stream and acknowledge it, atomically."""
+    async def dead_letter(self, reason: str, raw: bytes, headers: dict[str, str]) -> None:
+        """Move the entry to the dead-letter stream and acknowledge it, atomically.
+
+        Its headers go with it: a replay needs the signature to tell a genuine event from a
+        forged one, and the trace context to join the request's trace.
+        """
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(
                 Streams.dead_letters(self.stream),
@@ -177,6 +190,7 @@ class Delivery:
                     "reason": reason[:2000],
                     "failed_at": datetime.now(UTC).isoformat(),
                     "data": raw,
+                    "headers": json.dumps(headers, sort_keys=True),
                 },
             )
             pipe.xack(self.stream, self.group, self.entry_id)
@@ -206,9 +220,10 @@ def consume(
     pending and the next claim tries again.
     """
     records = max_records or settings.read_batch_max
+    keys = SigningKeys.parse(settings.signing_keys)
 
     async def on_new(msg: RedisStreamMessage, redis: Redis) -> None:
-        await _deliver(msg, _delivery(msg, redis), handler)
+        await _deliver(msg, _delivery(msg, redis), handler, keys)
 
     async def on_claimed(msg: RedisStreamMessage, redis: Redis) -> None:
         delivery = _delivery(msg, redis)
@@ -217,9 +232,9 @@ def consume(
             reason = f"delivered {deliveries} times (limit {settings.max_deliveries})"
             if on_give_up is not None:
                 await on_give_up(_raw(msg), reason)
-            await delivery.dead_letter(reason, _raw(msg))
+            await delivery.dead_letter(reason, _raw(msg), msg.headers)
             return
-        await _deliver(msg, delivery, handler)
+        await _deliver(msg, delivery, handler, keys)
 
     def _delivery(msg: RedisStreamMessage, redis: RedisClient) -> Delivery:
         entry_id = msg.raw_message["message_ids"][0]
@@ -244,11 +259,17 @@ def consume(
     broker.subscriber(stream=claimer, ack_policy=AckPolicy.MANUAL)(on_claimed)
 
 
-async def _deliver(msg: RedisStreamMessage, delivery: Delivery, handler: EventHandler) -> None:
+async def _deliver(
+    msg: RedisStreamMessage, delivery: Delivery, handler: EventHandler, keys: SigningKeys
+) -> None:
+    refusal = keys.refusal(_raw(msg), msg.headers.get(SIGNATURE_HEADER))
+    if refusal is not None:
+        await delivery.dead_letter(refusal, _raw(msg), msg.headers)
+        return
     try:
         event = parse_event(msg.body)
     except (ValidationError, ValueError) as exc:
-        await delivery.dead_letter(f"malformed event: {exc}", _raw(msg))
+        await delivery.dead_letter(f"malformed event: {exc}", _raw(msg), msg.headers)
         return
     try:
         with tracing.consumer_span(f"{delivery.group} {event.type}", msg.headers):

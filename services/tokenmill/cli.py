@@ -24,6 +24,7 @@ from tokenmill import service
 from tokenmill.db import migrate
 from tokenmill.embedded import EmbeddedInfra
 from tokenmill.settings import Settings
+from tokenmill.signing import SigningKeyError, SigningKeys, with_local_key
 from tokenmill.streams import Streams, create_groups
 
 log = logging.getLogger("tokenmill")
@@ -182,6 +183,7 @@ def print_banner(settings: Settings, first_key: str | None) -> None:
 
 
 def cmd_up(settings: Settings, _: argparse.Namespace) -> None:
+    settings = with_local_key(settings)
     with infrastructure(settings) as resolved:
         supervise(resolved, asyncio.run(prepare(resolved)))
 
@@ -192,6 +194,12 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
             "serve needs TOKENMILL_DATABASE_URL and TOKENMILL_REDIS_URL "
             "(`tokenmill up` sets them for the services it starts)"
         )
+    try:
+        SigningKeys.parse(settings.signing_keys)
+    except SigningKeyError as exc:
+        raise SystemExit(
+            f"serve: {exc}; set TOKENMILL_SIGNING_KEYS (`tokenmill up` sets it for its services)"
+        ) from exc
     if args.service == "intake":
         from tokenmill.intake.main import serve as serve_intake
 
@@ -242,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     handlers = {"up": cmd_up, "serve": cmd_serve, "migrate": cmd_migrate, "keys": cmd_keys_create}
     try:
         handlers[args.command](Settings.from_env(), args)
-    except (OSError, asyncpg.PostgresError, RedisError) as exc:
+    except (OSError, asyncpg.PostgresError, RedisError, SigningKeyError) as exc:
         # A server that is down or misnamed is an operator's problem, not a crash to debug.
         raise SystemExit(f"tokenmill {args.command}: {type(exc).__name__}: {exc}") from exc
 

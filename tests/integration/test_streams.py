@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from redis.asyncio import Redis as RedisClient
 
-from tests.integration.helpers import eventually, started
+from tests.integration.helpers import eventually, publish_body, publish_signed, started
 from tokenmill import service
 from tokenmill.events import Event, parse_event
 from tokenmill.settings import Settings
@@ -32,7 +32,7 @@ async def test_handler_failure_is_redelivered_until_it_succeeds(
 
     event = started("job_a")
     async with service.running("t", test_settings, consumer_of(stream, flaky), needs_db=False):
-        await redis.xadd(stream, {"__data__": event.canonical_json()})
+        await publish_signed(test_settings, stream, event)
         await eventually(lambda: _done(redis, stream, "intake", seen, 2))
     assert seen == [event.event_id, event.event_id]
     assert await redis.xlen(Streams.dead_letters(stream)) == 0
@@ -48,7 +48,7 @@ async def test_entry_of_a_dead_consumer_is_claimed_and_handled(
 ):
     stream = Streams(test_settings.stream_prefix).progress
     event = started("job_b")
-    await redis.xadd(stream, {"__data__": event.canonical_json()})
+    await publish_signed(test_settings, stream, event)
     # A consumer reads the entry and dies before acknowledging it.
     await redis.xreadgroup("intake", "dead-consumer", {stream: ">"}, count=1)
     assert (await redis.xpending(stream, "intake"))["pending"] == 1
@@ -73,9 +73,9 @@ async def test_malformed_entry_goes_to_dead_letters_and_consumer_goes_on(
         handled.append(event.request_id)
 
     async with service.running("t", test_settings, consumer_of(stream, record), needs_db=False):
-        await redis.xadd(stream, {"__data__": b"{not json"})
-        await redis.xadd(stream, {"__data__": b'{"type": "job.started", "request_id": 7}'})
-        await redis.xadd(stream, {"__data__": started("job_ok").canonical_json()})
+        await publish_body(test_settings, stream, "{not json")
+        await publish_body(test_settings, stream, '{"type": "job.started", "request_id": 7}')
+        await publish_signed(test_settings, stream, started("job_ok"))
         await eventually(lambda: _done(redis, stream, "intake", handled, 1))
         dlq = Streams.dead_letters(stream)
         await eventually(lambda: _length_is(redis, dlq, 2))
@@ -110,7 +110,7 @@ async def test_entry_that_always_fails_is_dead_lettered_after_max_deliveries(
         return []
 
     async with service.running("t", test_settings, wire, needs_db=False):
-        await redis.xadd(stream, {"__data__": started("job_poison").canonical_json()})
+        await publish_signed(test_settings, stream, started("job_poison"))
         dlq = Streams.dead_letters(stream)
         await eventually(lambda: _length_is(redis, dlq, 1), timeout_s=30)
     ((_, fields),) = await redis.xrange(dlq)

@@ -69,6 +69,12 @@ class Settings:
     # signs every published event, all of them verify (so keys rotate without a gap). `up`
     # creates one in the data dir when none is configured; `serve` refuses to run without.
     signing_keys: str = ""
+    # A delivery that failed because our storage was unreachable is not counted against
+    # max_deliveries; its consumer pauses between such failures, doubling from the least to the
+    # most, and logs the outage at most once per interval while it lasts.
+    outage_backoff_s_min: float = 0.2
+    outage_backoff_s_max: float = 10.0
+    outage_log_interval_s: float = 60.0
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:

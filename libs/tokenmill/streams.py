@@ -24,10 +24,11 @@ from faststream.redis import Redis, RedisBroker, RedisStreamMessage, StreamSub
 from pydantic import ValidationError
 from redis.asyncio import Redis as RedisClient
 from redis.asyncio.client import Pipeline
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from tokenmill import tracing
 from tokenmill.events import Event, parse_event
+from tokenmill.outage import OutageBackoff, is_outage
 from tokenmill.settings import Settings
 from tokenmill.signing import SIGNATURE_HEADER, SigningKeys
 
@@ -36,6 +37,17 @@ log = logging.getLogger(__name__)
 # How long a reader blocks in XREADGROUP, and how long a claimer sleeps after a scan that
 # found nothing idle. Short enough for sub-second hand-offs between services.
 POLL_INTERVAL_MS = 100
+
+# Gives back the delivery an outage cost: only while this consumer still owns the entry, and in
+# one step, so a claimer taking the entry meanwhile keeps both the entry and its own count.
+# XCLAIM with JUSTID does not count a delivery itself; RETRYCOUNT sets the counter.
+UNCOUNT_DELIVERY_LUA = """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #pending == 0 or pending[1][2] ~= ARGV[2] then return -1 end
+local count = math.max(tonumber(pending[1][4]) - 1, 0)
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'RETRYCOUNT', count, 'JUSTID')
+return count
+"""
 
 
 @dataclass(frozen=True)
@@ -171,6 +183,16 @@ class Delivery:
             self.stream, self.group, self.consumer, 0, [self.entry_id], justid=True
         )
 
+    async def uncount(self) -> int:
+        """Take back this delivery from the entry's delivery count, if this consumer still owns
+        the entry; return the count now, or -1 if it is no longer ours.
+
+        This also resets the entry's idle time, so claimers retry it only after
+        `claim_idle_ms`, which paces an outage's retries too.
+        """
+        keys_and_args = (self.stream, self.group, self.consumer, self.entry_id)
+        return int(await self.redis.eval(UNCOUNT_DELIVERY_LUA, 1, *keys_and_args))
+
     async def ack(self) -> None:
         await self.redis.xack(self.stream, self.group, self.entry_id)
 
@@ -221,9 +243,18 @@ def consume(
     """
     records = max_records or settings.read_batch_max
     keys = SigningKeys.parse(settings.signing_keys)
+    backoff = OutageBackoff(
+        f"{group} on {stream}",
+        settings.outage_backoff_s_min,
+        settings.outage_backoff_s_max,
+        settings.outage_log_interval_s,
+    )
+
+    async def deliver(msg: RedisStreamMessage, delivery: Delivery) -> None:
+        await _deliver(msg, delivery, handler, keys, backoff)
 
     async def on_new(msg: RedisStreamMessage, redis: Redis) -> None:
-        await _deliver(msg, _delivery(msg, redis), handler, keys)
+        await deliver(msg, _delivery(msg, redis))
 
     async def on_claimed(msg: RedisStreamMessage, redis: Redis) -> None:
         delivery = _delivery(msg, redis)
@@ -234,7 +265,7 @@ def consume(
                 await on_give_up(_raw(msg), reason)
             await delivery.dead_letter(reason, _raw(msg), msg.headers)
             return
-        await _deliver(msg, delivery, handler, keys)
+        await deliver(msg, delivery)
 
     def _delivery(msg: RedisStreamMessage, redis: RedisClient) -> Delivery:
         entry_id = msg.raw_message["message_ids"][0]
@@ -260,7 +291,11 @@ def consume(
 
 
 async def _deliver(
-    msg: RedisStreamMessage, delivery: Delivery, handler: EventHandler, keys: SigningKeys
+    msg: RedisStreamMessage,
+    delivery: Delivery,
+    handler: EventHandler,
+    keys: SigningKeys,
+    backoff: OutageBackoff,
 ) -> None:
     refusal = keys.refusal(_raw(msg), msg.headers.get(SIGNATURE_HEADER))
     if refusal is not None:
@@ -274,12 +309,28 @@ async def _deliver(
     try:
         with tracing.consumer_span(f"{delivery.group} {event.type}", msg.headers):
             await handler(event, delivery)
-    except Exception:
+    except Exception as exc:
         # Left unacknowledged on purpose: the entry stays pending and a claimer retries it
-        # after `claim_idle_ms`, until `max_deliveries` sends it to the dead letters.
+        # after `claim_idle_ms`. A failure of the handler itself counts towards
+        # `max_deliveries`; an outage of our storage does not, since every entry would fail.
+        if is_outage(exc):
+            await _uncount(delivery)
+            await backoff.failed(exc)
+            return
+        backoff.answered()
         log.exception("handler %s failed on %s %s", delivery.group, delivery.stream, event.event_id)
         return
+    backoff.answered()
     await delivery.ack()
+
+
+async def _uncount(delivery: Delivery) -> None:
+    try:
+        await delivery.uncount()
+    except RedisError:
+        # Redis itself is down: this delivery stays counted. The subscriber loops wait for
+        # Redis anyway, so few deliveries can be lost this way.
+        pass
 
 
 async def _delivery_count(delivery: Delivery) -> int:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncpg
 from redis.asyncio import Redis as RedisClient
 
+from tests.e2e.factory import free_port
 from tests.integration.helpers import eventually, publish_body, publish_signed, started
 from tokenmill import service
 from tokenmill.events import Event, parse_event
@@ -135,3 +137,37 @@ async def test_idle_consumers_with_nothing_pending_are_pruned_and_busy_ones_kept
 
     names = {c["name"] for c in await redis.xinfo_consumers(stream, "intake")}
     assert deleted == 1 and names == {b"crashed"}, names
+
+
+async def test_an_outage_of_the_handlers_storage_never_dead_letters_and_heals_once(
+    test_settings: Settings, redis: RedisClient
+):
+    """Postgres unreachable for more than max_deliveries deliveries: nothing is dead-lettered,
+    and once it answers again the entry is handled exactly once."""
+    stream = Streams(test_settings.stream_prefix).progress
+    storage = {"url": f"postgresql://postgres@127.0.0.1:{free_port()}/nothing_listens_here"}
+    attempts: list[str] = []
+    handled: list[str] = []
+
+    async def needs_postgres(event: Event, delivery: Delivery) -> None:
+        attempts.append(event.event_id)
+        conn = await asyncpg.connect(storage["url"], timeout=2)
+        try:
+            await conn.fetchval("SELECT 1")
+        finally:
+            await conn.close()
+        handled.append(event.event_id)
+
+    event = started("job_outage")
+    async with service.running("t", test_settings, consumer_of(stream, needs_postgres)):
+        await publish_signed(test_settings, stream, event)
+
+        async def delivered_past_the_limit() -> bool:
+            return len(attempts) > test_settings.max_deliveries + 1
+
+        await eventually(delivered_past_the_limit, timeout_s=60)
+        assert handled == [] and await redis.xlen(Streams.dead_letters(stream)) == 0
+        storage["url"] = test_settings.database_url
+        await eventually(lambda: _done(redis, stream, "intake", handled, 1), timeout_s=60)
+    assert handled == [event.event_id]
+    assert await redis.xlen(Streams.dead_letters(stream)) == 0

@@ -20,7 +20,7 @@ import httpx
 from redis.asyncio import Redis as RedisClient
 from redis.exceptions import RedisError
 
-from tokenmill import service
+from tokenmill import deadletters, service
 from tokenmill.db import migrate
 from tokenmill.embedded import EmbeddedInfra
 from tokenmill.settings import Settings
@@ -226,6 +226,17 @@ def cmd_keys_create(settings: Settings, args: argparse.Namespace) -> None:
         print(f"API key (shown once): {key}")
 
 
+def cmd_dlq(settings: Settings, args: argparse.Namespace) -> None:
+    with infrastructure(with_local_key(settings)) as resolved:
+        try:
+            output, done = asyncio.run(deadletters.command(resolved, args))
+        except LookupError as exc:
+            raise SystemExit(f"tokenmill dlq: {exc}") from exc
+    print(output)
+    if not done:
+        raise SystemExit(1)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="tokenmill", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -240,6 +251,7 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--name", required=True)
     create.add_argument("--tier", choices=("free", "standard", "premium"), default="standard")
     create.add_argument("--region", default=None)
+    deadletters.add_commands(commands)
     return root
 
 
@@ -247,7 +259,13 @@ def main(argv: list[str] | None = None) -> None:
     service.configure_logging()
     logging.getLogger("pgserver").setLevel(logging.WARNING)
     args = parser().parse_args(argv)
-    handlers = {"up": cmd_up, "serve": cmd_serve, "migrate": cmd_migrate, "keys": cmd_keys_create}
+    handlers = {
+        "up": cmd_up,
+        "serve": cmd_serve,
+        "migrate": cmd_migrate,
+        "keys": cmd_keys_create,
+        "dlq": cmd_dlq,
+    }
     try:
         handlers[args.command](Settings.from_env(), args)
     except (OSError, asyncpg.PostgresError, RedisError, SigningKeyError) as exc:

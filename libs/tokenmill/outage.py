@@ -72,13 +72,13 @@ class OutageBackoff:
     logged_s: float = 0.0
 
     async def failed(self, exc: BaseException) -> None:
-        """Record a delivery lost to the outage, then pause before the consumer goes on."""
+        """Record an attempt lost to the outage, then pause before the consumer goes on."""
         now_s = time.monotonic()
         if self.started_s is None:
             self.started_s, self.logged_s, self.delay_s = now_s, now_s, self.delay_s_min
             log.warning(
-                "%s: storage unreachable (%s: %s); deliveries are retried without counting"
-                " against max_deliveries, backing off up to %.0fs",
+                "%s: storage unreachable (%s: %s); retrying with a backoff of up to %.0fs,"
+                " quietly until it answers",
                 self.consumer,
                 type(exc).__name__,
                 exc,
@@ -87,7 +87,7 @@ class OutageBackoff:
         elif now_s - self.logged_s >= self.reminder_s:
             self.logged_s = now_s
             log.warning(
-                "%s: storage still unreachable after %.0fs (%d deliveries held back): %s",
+                "%s: storage still unreachable after %.0fs (%d attempts failed): %s",
                 self.consumer,
                 now_s - self.started_s,
                 self.held,
@@ -102,7 +102,7 @@ class OutageBackoff:
         if self.started_s is None:
             return
         log.info(
-            "%s: storage reachable again after %.0fs; %d deliveries were held back and retried",
+            "%s: storage reachable again after %.0fs (%d attempts failed meanwhile)",
             self.consumer,
             time.monotonic() - self.started_s,
             self.held,

@@ -63,4 +63,4 @@ async def test_backoff_doubles_up_to_its_cap_and_logs_start_and_end_once(caplog)
     messages = [record.getMessage() for record in caplog.records]
     assert len(messages) == 2, messages
     assert "unreachable" in messages[0] and "reachable again" in messages[1]
-    assert "5 deliveries" in messages[1]
+    assert "5 attempts" in messages[1]

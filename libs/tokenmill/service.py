@@ -55,7 +55,7 @@ class Runtime:
     redis: RedisClient
     pool: asyncpg.Pool | None
     streams: Streams
-    keys: SigningKeys
+    signing_keys: SigningKeys
 
     @property
     def db(self) -> asyncpg.Pool:
@@ -69,7 +69,9 @@ class Runtime:
             # One round trip for the whole batch, not one per event.
             async with self.redis.pipeline(transaction=False) as pipe:
                 for stream, body, headers in rows:
-                    await publish(self.broker, stream, body, headers, self.keys, pipeline=pipe)
+                    await publish(
+                        self.broker, stream, body, headers, self.signing_keys, pipeline=pipe
+                    )
                 await pipe.execute()
 
         return OutboxRelay(self.db, schema, publish_rows, self.settings).run()
@@ -91,7 +93,7 @@ async def running(
 ) -> AsyncIterator[Runtime]:
     """Start a service's broker, pool and background loops; stop them all on exit."""
     assert settings.redis_url, "redis_url must be resolved before a service starts"
-    keys = SigningKeys.parse(settings.signing_keys)
+    signing_keys = SigningKeys.parse(settings.signing_keys)
     tracing.setup(name)
     # Per-message "Received/Processed" lines at DEBUG: at INFO they drown every other log line.
     broker_log = logging.getLogger(f"tokenmill.{name}.broker")
@@ -104,7 +106,9 @@ async def running(
     )
     redis = RedisClient.from_url(settings.redis_url)
     pool = await create_pool(settings) if needs_db else None
-    runtime = Runtime(name, settings, broker, redis, pool, Streams(settings.stream_prefix), keys)
+    runtime = Runtime(
+        name, settings, broker, redis, pool, Streams(settings.stream_prefix), signing_keys
+    )
     loops: list[asyncio.Task[None]] = []
     try:
         pairs = runtime.streams.groups(settings.region)

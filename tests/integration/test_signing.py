@@ -68,7 +68,7 @@ async def test_after_rotation_events_signed_with_the_old_key_still_verify(
     new_key = "new:the-new-deployment-secret"
     rotated = replace(test_settings, signing_keys=f"{new_key},{test_settings.signing_keys}")
     async with service.running("ledger", rotated, ledger_wire) as runtime:
-        assert runtime.keys.signing_key_id == "new"
+        assert runtime.signing_keys.signing_key_id == "new"
         await publish_signed(test_settings, stream, started("job_old_key"))
         await publish_signed(rotated, stream, started("job_new_key"))
 

@@ -41,17 +41,17 @@ async def wire(rt: service.Runtime):
             worker=settings.consumer,
             queue_ms=elapsed_ms(event.occurred_at, utc_now()),
         )
-        await publish_event(rt.broker, rt.streams.progress, started, rt.keys)
+        await publish_event(rt.broker, rt.streams.progress, started, rt.signing_keys)
         job = asyncio.ensure_future(asyncio.to_thread(engine.run, event))
         await keep_alive_while(job, delivery, settings.claim_idle_ms / 3000)
-        await publish_event(rt.broker, rt.streams.completions, job.result(), rt.keys)
+        await publish_event(rt.broker, rt.streams.completions, job.result(), rt.signing_keys)
 
     async def on_give_up(raw: bytes, reason: str) -> None:
         # A job no worker could finish fails visibly instead of staying queued forever.
         job = parse_event(raw)
         if isinstance(job, JobSubmitted):
             failed = engine.failed(job, f"no worker could run this job: {reason}")
-            await publish_event(rt.broker, rt.streams.completions, failed, rt.keys)
+            await publish_event(rt.broker, rt.streams.completions, failed, rt.signing_keys)
 
     # One entry at a time: an entry read is owned by this worker until acknowledged.
     consume(

@@ -25,6 +25,8 @@ ADMIN_DATABASE_URL = os.environ.get(
     "TOKENMILL_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 REDIS_URL = os.environ.get("TOKENMILL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# Every event a test publishes is signed with this, as a deployment's events are.
+TEST_SIGNING_KEYS = "test:tokenmill-test-signing-secret"
 
 
 def database_url_for(name: str) -> str:
@@ -53,6 +55,7 @@ async def settings(run_id: str) -> AsyncIterator[Settings]:
         claim_idle_ms=1500,
         max_deliveries=3,
         outbox_poll_s=0.2,
+        signing_keys=TEST_SIGNING_KEYS,
     )
     await migrate(test_settings.database_url)
     redis = RedisClient.from_url(REDIS_URL)

@@ -40,8 +40,13 @@ class Event(BaseModel):
     region: str
 
     def canonical_json(self) -> str:
-        """Sorted keys, no spaces: the exact text that gets hashed and stored."""
-        return canonical_json(self.model_dump(mode="json"))
+        """Sorted keys, no spaces: the exact text that gets signed, hashed and stored.
+
+        Fields a newer producer added (kept by `parse_event`) are part of it: the ledger logs
+        this text, so its log holds what the producer sent, not what this version understood,
+        and a later version replaying the log finds every field.
+        """
+        return canonical_json(_json_with_extras(self))
 
     def envelope_for(self, producer: str) -> dict[str, str]:
         """The envelope of an event this one causes: same customer, request and region."""
@@ -180,10 +185,31 @@ _any_event = TypeAdapter(AnyEvent)
 
 
 def parse_event(raw: bytes | str | dict[str, Any]) -> Event:
-    """Decode any event; raises `pydantic.ValidationError` or `ValueError` on malformed input."""
+    """Decode an event as a consumer reads it; raises `pydantic.ValidationError` or `ValueError`
+    on malformed input.
+
+    Fields this version does not know are accepted and kept, at every level: during a rolling
+    upgrade a newer producer's event must reach older consumers, not their dead letters.
+    Constructing an event stays strict (`extra="forbid"`), so our own producers and tests
+    cannot misspell a field.
+    """
     if isinstance(raw, dict):
-        return _any_event.validate_python(raw)
-    return _any_event.validate_json(raw)
+        return _any_event.validate_python(raw, extra="allow")
+    return _any_event.validate_json(raw, extra="allow")
+
+
+def _json_with_extras(model: BaseModel) -> dict[str, Any]:
+    """`model` as JSON values with its unknown fields: pydantic does not serialize the extras
+    of a model whose class forbids them."""
+    dumped = model.model_dump(mode="json")
+    dumped.update(model.__pydantic_extra__ or {})
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            dumped[name] = _json_with_extras(value)
+        elif isinstance(value, tuple) and any(isinstance(item, BaseModel) for item in value):
+            dumped[name] = [_json_with_extras(item) for item in value]
+    return dumped
 
 
 def canonical_json(value: Any) -> str:

@@ -19,6 +19,7 @@ import asyncpg
 
 from tokenmill.db import listening
 from tokenmill.events import Event
+from tokenmill.outage import OutageBackoff, is_outage
 from tokenmill.settings import Settings
 from tokenmill.streams import event_headers
 
@@ -76,23 +77,31 @@ class OutboxRelay:
         self._batch_max = settings.outbox_batch_max
         self._poll_s = settings.outbox_poll_s
         self._wake = asyncio.Event()
+        # An outage of Redis or Postgres is logged when it starts and ends, not per retry.
+        self._backoff = OutageBackoff(
+            f"outbox relay {schema}",
+            settings.outage_backoff_s_min,
+            RETRY_DELAY_S_MAX,
+            settings.outage_log_interval_s,
+        )
 
     async def run(self) -> None:
         async with listening(self._pool, _channel(self._schema), self._on_notify):
             await self._relay_forever()
 
     async def _relay_forever(self) -> None:
-        delay_s = 0.1
         while True:
             self._wake.clear()
             try:
                 published = await self.publish_batch()
-                delay_s = 0.1
-            except Exception as exc:  # Redis or Postgres down: keep the rows, retry later.
-                log.warning("outbox relay %s: %s; retrying in %.1fs", self._schema, exc, delay_s)
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, RETRY_DELAY_S_MAX)
+            except Exception as exc:  # The rows stay unpublished: retry them later.
+                if is_outage(exc):
+                    await self._backoff.failed(exc)
+                else:
+                    log.exception("outbox relay %s failed; retrying", self._schema)
+                    await asyncio.sleep(RETRY_DELAY_S_MAX)
                 continue
+            self._backoff.answered()
             if published < self._batch_max:
                 await self._wait()
 

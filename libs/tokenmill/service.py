@@ -16,12 +16,34 @@ from redis.asyncio import Redis as RedisClient
 
 from tokenmill import tracing
 from tokenmill.db import create_pool
+from tokenmill.outage import OutageBackoff, is_outage
 from tokenmill.outbox import OutboxRelay
 from tokenmill.reconciler import Reconciler
 from tokenmill.settings import Settings
+from tokenmill.signing import SigningKeys
 from tokenmill.streams import Streams, create_groups, prune_consumers, publish
 
 log = logging.getLogger(__name__)
+
+# How often a service checks that Redis answers, and the most it waits between checks while
+# Redis is down: it notices a restarted Redis within this, before the subscribers' own retry
+# (every 5 s, fixed in FastStream) can find a Redis that came back empty without our groups.
+REDIS_WATCH_INTERVAL_S = 1.0
+
+
+class _QuietOutages(logging.Filter):
+    """Drops FastStream's "Message fetch error" records caused by Redis being unreachable.
+
+    Each subscriber (two per stream a service reads) logs one with a traceback every 5 s for as
+    long as Redis is down: about a megabyte a minute. The outage is reported once, when it
+    starts and when it ends, by `watch_redis`; other fetch errors still get through.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.exc_info[1] and is_outage(record.exc_info[1]))
+
+
+_QUIET_OUTAGES = _QuietOutages()
 
 
 @dataclass
@@ -34,6 +56,7 @@ class Runtime:
     redis: RedisClient
     pool: asyncpg.Pool | None
     streams: Streams
+    signing_keys: SigningKeys
 
     @property
     def db(self) -> asyncpg.Pool:
@@ -48,7 +71,9 @@ class Runtime:
             # One round trip for the whole batch, not one per event; returns the entry ids.
             async with self.redis.pipeline(transaction=False) as pipe:
                 for stream, body, headers in rows:
-                    await publish(self.broker, stream, body, headers, pipeline=pipe)
+                    await publish(
+                        self.broker, stream, body, headers, self.signing_keys, pipeline=pipe
+                    )
                 entry_ids = await pipe.execute()
             return [entry_id.decode() for entry_id in entry_ids]
 
@@ -79,17 +104,22 @@ async def running(
 ) -> AsyncIterator[Runtime]:
     """Start a service's broker, pool and background loops; stop them all on exit."""
     assert settings.redis_url, "redis_url must be resolved before a service starts"
+    signing_keys = SigningKeys.parse(settings.signing_keys)
     tracing.setup(name)
     # Per-message "Received/Processed" lines at DEBUG: at INFO they drown every other log line.
+    broker_log = logging.getLogger(f"tokenmill.{name}.broker")
+    broker_log.addFilter(_QUIET_OUTAGES)  # Added once: a logger ignores the same filter twice.
     broker = RedisBroker(
         settings.redis_url,
-        logger=logging.getLogger(f"tokenmill.{name}.broker"),
+        logger=broker_log,
         log_level=logging.DEBUG,
         graceful_timeout=settings.graceful_timeout_s,
     )
     redis = RedisClient.from_url(settings.redis_url)
     pool = await create_pool(settings) if needs_db else None
-    runtime = Runtime(name, settings, broker, redis, pool, Streams(settings.stream_prefix))
+    runtime = Runtime(
+        name, settings, broker, redis, pool, Streams(settings.stream_prefix), signing_keys
+    )
     loops: list[asyncio.Task[None]] = []
     try:
         pairs = runtime.streams.groups(settings.region)
@@ -97,6 +127,7 @@ async def running(
         await prune_consumers(redis, pairs, settings.consumer_idle_prune_ms)
         background = await wire(runtime)
         await broker.start()
+        background.append(watch_redis(runtime, pairs))
         loops = [asyncio.create_task(coro, name=f"{name}-loop") for coro in background]
         log.info("%s started (consumer %s)", name, settings.consumer)
         yield runtime
@@ -109,6 +140,32 @@ async def running(
         if pool is not None:
             await _close_pool(pool, settings.graceful_timeout_s)
         log.info("%s stopped", name)
+
+
+async def watch_redis(runtime: Runtime, pairs: list[tuple[str, str]]) -> None:
+    """Log when Redis stops answering, at most once a reminder interval while it is down, and
+    when it answers again; then recreate the consumer groups in case it came back empty.
+
+    The subscribers reconnect by themselves (redis-py opens a new connection on their next
+    read); this loop only makes the outage visible in a bounded number of lines.
+    """
+    settings = runtime.settings
+    backoff = OutageBackoff(
+        f"{runtime.name}: redis",
+        settings.outage_backoff_s_min,
+        REDIS_WATCH_INTERVAL_S,
+        settings.outage_log_interval_s,
+    )
+    while True:
+        try:
+            await runtime.redis.ping()
+            if backoff.started_s is not None:
+                await create_groups(runtime.redis, pairs)
+                backoff.answered()
+        except Exception as exc:  # Whatever keeps Redis from answering a PING.
+            await backoff.failed(exc)
+            continue
+        await asyncio.sleep(REDIS_WATCH_INTERVAL_S)
 
 
 async def _close_pool(pool: asyncpg.Pool, timeout_s: float) -> None:

@@ -65,7 +65,7 @@ class Settings:
     db_pool_min: int = 1
     db_pool_max: int = 10
 
-    # H4 reconcile: the reconciler, which republishes outbox events whose stream entries Redis
+    # The reconciler, which republishes outbox events whose stream entries Redis
     # lost (its AOF is fsynced once a second, so a machine crash loses the last second). Every
     # interval it checks up to a batch of rows published more than `reconcile_after_s` ago;
     # inspector and ledger rows only within the last `reconcile_window_s`, intake job events
@@ -74,6 +74,17 @@ class Settings:
     reconcile_after_s: float = 30.0
     reconcile_window_s: float = 3600.0
     reconcile_batch_max: int = 100
+
+    # Event signing keys, "kid:secret[,kid:secret...]": the first
+    # signs every published event, all of them verify (so keys rotate without a gap). `up`
+    # creates one in the data dir when none is configured; `serve` refuses to run without.
+    signing_keys: str = ""
+    # A delivery that failed because our storage was unreachable is not counted against
+    # max_deliveries; its consumer pauses between such failures, doubling from the least to the
+    # most, and logs the outage at most once per interval while it lasts.
+    outage_backoff_s_min: float = 0.2
+    outage_backoff_s_max: float = 10.0
+    outage_log_interval_s: float = 60.0
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:

@@ -5,10 +5,15 @@ reader, runs a claimer (XAUTOCLAIM) that takes over entries left pending by a co
 died. An entry is acknowledged only after its handler committed; an entry delivered more than
 `max_deliveries` times, or one that does not parse as an event, is moved to the stream's
 dead-letter stream with its reason and acknowledged, so one bad entry never blocks a group.
+
+Every entry is signed where it is published (`publish`) and verified before its handler runs;
+an unsigned or badly signed entry goes to the dead letters with the reason, so the books only
+ever contain events a holder of the deployment's signing key published.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,17 +24,30 @@ from faststream.redis import Redis, RedisBroker, RedisStreamMessage, StreamSub
 from pydantic import ValidationError
 from redis.asyncio import Redis as RedisClient
 from redis.asyncio.client import Pipeline
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from tokenmill import tracing
 from tokenmill.events import Event, parse_event
+from tokenmill.outage import OutageBackoff, is_outage
 from tokenmill.settings import Settings
+from tokenmill.signing import SIGNATURE_HEADER, SigningKeys
 
 log = logging.getLogger(__name__)
 
 # How long a reader blocks in XREADGROUP, and how long a claimer sleeps after a scan that
 # found nothing idle. Short enough for sub-second hand-offs between services.
 POLL_INTERVAL_MS = 100
+
+# Gives back the delivery an outage cost: only while this consumer still owns the entry, and in
+# one step, so a claimer taking the entry meanwhile keeps both the entry and its own count.
+# XCLAIM with JUSTID does not count a delivery itself; RETRYCOUNT sets the counter.
+UNCOUNT_DELIVERY_LUA = """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #pending == 0 or pending[1][2] ~= ARGV[2] then return -1 end
+local count = math.max(tonumber(pending[1][4]) - 1, 0)
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'RETRYCOUNT', count, 'JUSTID')
+return count
+"""
 
 
 @dataclass(frozen=True)
@@ -127,15 +145,18 @@ async def publish(
     stream: str,
     body: str,
     headers: dict[str, str],
+    keys: SigningKeys,
     pipeline: Pipeline | None = None,
 ) -> None:
+    """Publish `body` signed with the deployment's signing key: every producer comes here."""
+    signed = {**headers, SIGNATURE_HEADER: keys.sign(body.encode())}
     # No MAXLEN here: Redis is transport, not the record, and trimming by length could drop
     # entries some group has not acknowledged yet.
-    await broker.publish(body, stream=stream, headers=headers, pipeline=pipeline)
+    await broker.publish(body, stream=stream, headers=signed, pipeline=pipeline)
 
 
-async def publish_event(broker: RedisBroker, stream: str, event: Event) -> None:
-    await publish(broker, stream, event.canonical_json(), event_headers(event))
+async def publish_event(broker: RedisBroker, stream: str, event: Event, keys: SigningKeys) -> None:
+    await publish(broker, stream, event.canonical_json(), event_headers(event), keys)
 
 
 def event_headers(event: Event) -> dict[str, str]:
@@ -177,11 +198,25 @@ class Delivery:
         )
         return bool(renewed)
 
+    async def uncount(self) -> int:
+        """Take back this delivery from the entry's delivery count, if this consumer still owns
+        the entry; return the count now, or -1 if it is no longer ours.
+
+        This also resets the entry's idle time, so claimers retry it only after
+        `claim_idle_ms`, which paces an outage's retries too.
+        """
+        keys_and_args = (self.stream, self.group, self.consumer, self.entry_id)
+        return int(await self.redis.eval(UNCOUNT_DELIVERY_LUA, 1, *keys_and_args))
+
     async def ack(self) -> None:
         await self.redis.xack(self.stream, self.group, self.entry_id)
 
-    async def dead_letter(self, reason: str, raw: bytes) -> None:
-        """Move the entry to the dead-letter stream and acknowledge it, atomically."""
+    async def dead_letter(self, reason: str, raw: bytes, headers: dict[str, str]) -> None:
+        """Move the entry to the dead-letter stream and acknowledge it, atomically.
+
+        Its headers go with it: a replay needs the signature to tell a genuine event from a
+        forged one, and the trace context to join the request's trace.
+        """
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(
                 Streams.dead_letters(self.stream),
@@ -192,6 +227,7 @@ class Delivery:
                     "reason": reason[:2000],
                     "failed_at": datetime.now(UTC).isoformat(),
                     "data": raw,
+                    "headers": json.dumps(headers, sort_keys=True),
                 },
             )
             pipe.xack(self.stream, self.group, self.entry_id)
@@ -221,9 +257,19 @@ def consume(
     pending and the next claim tries again.
     """
     records = max_records or settings.read_batch_max
+    keys = SigningKeys.parse(settings.signing_keys)
+    backoff = OutageBackoff(
+        f"{group} on {stream}",
+        settings.outage_backoff_s_min,
+        settings.outage_backoff_s_max,
+        settings.outage_log_interval_s,
+    )
+
+    async def deliver(msg: RedisStreamMessage, delivery: Delivery) -> None:
+        await _deliver(msg, delivery, handler, keys, backoff)
 
     async def on_new(msg: RedisStreamMessage, redis: Redis) -> None:
-        await _deliver(msg, _delivery(msg, redis), handler)
+        await deliver(msg, _delivery(msg, redis))
 
     async def on_claimed(msg: RedisStreamMessage, redis: Redis) -> None:
         delivery = _delivery(msg, redis)
@@ -232,9 +278,9 @@ def consume(
             reason = f"delivered {deliveries} times (limit {settings.max_deliveries})"
             if on_give_up is not None:
                 await on_give_up(_raw(msg), reason)
-            await delivery.dead_letter(reason, _raw(msg))
+            await delivery.dead_letter(reason, _raw(msg), msg.headers)
             return
-        await _deliver(msg, delivery, handler)
+        await deliver(msg, delivery)
 
     def _delivery(msg: RedisStreamMessage, redis: RedisClient) -> Delivery:
         entry_id = msg.raw_message["message_ids"][0]
@@ -259,21 +305,47 @@ def consume(
     broker.subscriber(stream=claimer, ack_policy=AckPolicy.MANUAL)(on_claimed)
 
 
-async def _deliver(msg: RedisStreamMessage, delivery: Delivery, handler: EventHandler) -> None:
+async def _deliver(
+    msg: RedisStreamMessage,
+    delivery: Delivery,
+    handler: EventHandler,
+    keys: SigningKeys,
+    backoff: OutageBackoff,
+) -> None:
+    refusal = keys.refusal(_raw(msg), msg.headers.get(SIGNATURE_HEADER))
+    if refusal is not None:
+        await delivery.dead_letter(refusal, _raw(msg), msg.headers)
+        return
     try:
         event = parse_event(msg.body)
     except (ValidationError, ValueError) as exc:
-        await delivery.dead_letter(f"malformed event: {exc}", _raw(msg))
+        await delivery.dead_letter(f"malformed event: {exc}", _raw(msg), msg.headers)
         return
     try:
         with tracing.consumer_span(f"{delivery.group} {event.type}", msg.headers):
             await handler(event, delivery)
-    except Exception:
+    except Exception as exc:
         # Left unacknowledged on purpose: the entry stays pending and a claimer retries it
-        # after `claim_idle_ms`, until `max_deliveries` sends it to the dead letters.
+        # after `claim_idle_ms`. A failure of the handler itself counts towards
+        # `max_deliveries`; an outage of our storage does not, since every entry would fail.
+        if is_outage(exc):
+            await _uncount(delivery)
+            await backoff.failed(exc)
+            return
+        backoff.answered()
         log.exception("handler %s failed on %s %s", delivery.group, delivery.stream, event.event_id)
         return
+    backoff.answered()
     await delivery.ack()
+
+
+async def _uncount(delivery: Delivery) -> None:
+    try:
+        await delivery.uncount()
+    except RedisError:
+        # Redis itself is down: this delivery stays counted. The subscriber loops wait for
+        # Redis anyway, so few deliveries can be lost this way.
+        pass
 
 
 async def _delivery_count(delivery: Delivery) -> int:

@@ -20,10 +20,11 @@ import httpx
 from redis.asyncio import Redis as RedisClient
 from redis.exceptions import RedisError
 
-from tokenmill import service
+from tokenmill import deadletters, service
 from tokenmill.db import migrate
 from tokenmill.embedded import EmbeddedInfra
 from tokenmill.settings import Settings
+from tokenmill.signing import SigningKeyError, SigningKeys, with_local_key
 from tokenmill.streams import Streams, create_groups
 
 log = logging.getLogger("tokenmill")
@@ -182,6 +183,7 @@ def print_banner(settings: Settings, first_key: str | None) -> None:
 
 
 def cmd_up(settings: Settings, _: argparse.Namespace) -> None:
+    settings = with_local_key(settings)
     with infrastructure(settings) as resolved:
         supervise(resolved, asyncio.run(prepare(resolved)))
 
@@ -192,6 +194,12 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
             "serve needs TOKENMILL_DATABASE_URL and TOKENMILL_REDIS_URL "
             "(`tokenmill up` sets them for the services it starts)"
         )
+    try:
+        SigningKeys.parse(settings.signing_keys)
+    except SigningKeyError as exc:
+        raise SystemExit(
+            f"serve: {exc}; set TOKENMILL_SIGNING_KEYS (`tokenmill up` sets it for its services)"
+        ) from exc
     if args.service == "intake":
         from tokenmill.intake.main import serve as serve_intake
 
@@ -218,6 +226,17 @@ def cmd_keys_create(settings: Settings, args: argparse.Namespace) -> None:
         print(f"API key (shown once): {key}")
 
 
+def cmd_dlq(settings: Settings, args: argparse.Namespace) -> None:
+    with infrastructure(with_local_key(settings)) as resolved:
+        try:
+            output, done = asyncio.run(deadletters.command(resolved, args))
+        except LookupError as exc:
+            raise SystemExit(f"tokenmill dlq: {exc}") from exc
+    print(output)
+    if not done:
+        raise SystemExit(1)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="tokenmill", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -232,6 +251,7 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--name", required=True)
     create.add_argument("--tier", choices=("free", "standard", "premium"), default="standard")
     create.add_argument("--region", default=None)
+    deadletters.add_commands(commands)
     return root
 
 
@@ -239,10 +259,16 @@ def main(argv: list[str] | None = None) -> None:
     service.configure_logging()
     logging.getLogger("pgserver").setLevel(logging.WARNING)
     args = parser().parse_args(argv)
-    handlers = {"up": cmd_up, "serve": cmd_serve, "migrate": cmd_migrate, "keys": cmd_keys_create}
+    handlers = {
+        "up": cmd_up,
+        "serve": cmd_serve,
+        "migrate": cmd_migrate,
+        "keys": cmd_keys_create,
+        "dlq": cmd_dlq,
+    }
     try:
         handlers[args.command](Settings.from_env(), args)
-    except (OSError, asyncpg.PostgresError, RedisError) as exc:
+    except (OSError, asyncpg.PostgresError, RedisError, SigningKeyError) as exc:
         # A server that is down or misnamed is an operator's problem, not a crash to debug.
         raise SystemExit(f"tokenmill {args.command}: {type(exc).__name__}: {exc}") from exc
 

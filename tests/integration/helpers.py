@@ -5,7 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from tokenmill.events import JobStarted
+from faststream.redis import RedisBroker
+
+from tokenmill.events import Event, JobStarted
+from tokenmill.settings import Settings
+from tokenmill.signing import SigningKeys
+from tokenmill.streams import publish
 
 WAIT_S_MAX = 20.0
 
@@ -29,3 +34,19 @@ def started(request_id: str) -> JobStarted:
         worker="w",
         queue_ms=0.0,
     )
+
+
+async def publish_body(
+    settings: Settings, stream: str, body: str, keys: SigningKeys | None = None
+) -> None:
+    """Publish `body` as a producer would, signed with `keys` (the run's own by default)."""
+    broker = RedisBroker(settings.redis_url)
+    await broker.connect()
+    try:
+        await publish(broker, stream, body, {}, keys or SigningKeys.parse(settings.signing_keys))
+    finally:
+        await broker.stop()
+
+
+async def publish_signed(settings: Settings, stream: str, event: Event) -> None:
+    await publish_body(settings, stream, event.canonical_json())

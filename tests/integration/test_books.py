@@ -23,6 +23,7 @@ from tokenmill.intake.main import wire as intake_wire
 from tokenmill.ledger.books import prices_at
 from tokenmill.ledger.main import wire as ledger_wire
 from tokenmill.settings import Settings
+from tokenmill.signing import SigningKeys
 from tokenmill.streams import Streams, publish_event
 
 
@@ -91,9 +92,10 @@ async def test_completion_delivered_three_times_is_booked_once(
     rerun = complete(job, "A different answer from a re-run.", completion_tokens=7)
     broker = RedisBroker(test_settings.redis_url)
     await broker.connect()
+    keys = SigningKeys.parse(test_settings.signing_keys)
     try:
         for event in (first, first, rerun):
-            await publish_event(broker, streams.completions, event)
+            await publish_event(broker, streams.completions, event, keys)
     finally:
         await broker.stop()
 

@@ -22,6 +22,7 @@ from tokenmill.intake.api import create_app
 from tokenmill.intake.main import wire as intake_wire
 from tokenmill.ledger.main import wire as ledger_wire
 from tokenmill.settings import Settings
+from tokenmill.signing import SigningKeys
 from tokenmill.streams import Streams, publish_event
 
 
@@ -29,6 +30,7 @@ async def test_output_verdict_and_bill_all_refer_to_the_booked_completion(
     pool: asyncpg.Pool, redis: RedisClient, test_settings: Settings
 ):
     streams = Streams(test_settings.stream_prefix)
+    keys = SigningKeys.parse(test_settings.signing_keys)
     key = await new_key(pool, tier="standard")
     app = create_app(test_settings, intake_wire)
     broker = RedisBroker(test_settings.redis_url)
@@ -51,8 +53,8 @@ async def test_output_verdict_and_bill_all_refer_to_the_booked_completion(
         # A re-run job completed twice. The intake and the inspector see B first...
         b = complete(job, "", completion_tokens=3)  # Empty: the inspector finds it defective.
         a = complete(job, "Hello there, friend.", completion_tokens=5)
-        entry_b = await publish_and_id(broker, redis, streams.completions, b)
-        await publish_and_id(broker, redis, streams.completions, a)
+        entry_b = await publish_and_id(broker, redis, streams.completions, b, keys)
+        await publish_and_id(broker, redis, streams.completions, a, keys)
         await stack.enter_async_context(service.running("inspector", test_settings, inspector_wire))
 
         async def shows_b() -> bool:
@@ -70,7 +72,7 @@ async def test_output_verdict_and_bill_all_refer_to_the_booked_completion(
             return (await view())["billing"] is not None
 
         await eventually(booked)
-        await publish_event(broker, streams.completions, b)
+        await publish_event(broker, streams.completions, b, keys)
 
         async def both_judged_and_logged() -> bool:
             judged = await pool.fetchval(
@@ -106,8 +108,8 @@ async def test_output_verdict_and_bill_all_refer_to_the_booked_completion(
 
 
 async def publish_and_id(
-    broker: RedisBroker, redis: RedisClient, stream: str, event: JobCompleted
+    broker: RedisBroker, redis: RedisClient, stream: str, event: JobCompleted, keys: SigningKeys
 ) -> str:
-    await publish_event(broker, stream, event)
+    await publish_event(broker, stream, event, keys)
     ((entry_id, _),) = await redis.xrevrange(stream, count=1)
     return entry_id.decode()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncpg
 from redis.asyncio import Redis as RedisClient
 
-from tests.integration.helpers import eventually, started
+from tests.e2e.factory import free_port
+from tests.integration.helpers import eventually, publish_body, publish_signed, started
 from tokenmill import service
 from tokenmill.events import Event, parse_event
 from tokenmill.settings import Settings
@@ -32,7 +34,7 @@ async def test_handler_failure_is_redelivered_until_it_succeeds(
 
     event = started("job_a")
     async with service.running("t", test_settings, consumer_of(stream, flaky), needs_db=False):
-        await redis.xadd(stream, {"__data__": event.canonical_json()})
+        await publish_signed(test_settings, stream, event)
         await eventually(lambda: _done(redis, stream, "intake", seen, 2))
     assert seen == [event.event_id, event.event_id]
     assert await redis.xlen(Streams.dead_letters(stream)) == 0
@@ -48,7 +50,7 @@ async def test_entry_of_a_dead_consumer_is_claimed_and_handled(
 ):
     stream = Streams(test_settings.stream_prefix).progress
     event = started("job_b")
-    await redis.xadd(stream, {"__data__": event.canonical_json()})
+    await publish_signed(test_settings, stream, event)
     # A consumer reads the entry and dies before acknowledging it.
     await redis.xreadgroup("intake", "dead-consumer", {stream: ">"}, count=1)
     assert (await redis.xpending(stream, "intake"))["pending"] == 1
@@ -73,9 +75,9 @@ async def test_malformed_entry_goes_to_dead_letters_and_consumer_goes_on(
         handled.append(event.request_id)
 
     async with service.running("t", test_settings, consumer_of(stream, record), needs_db=False):
-        await redis.xadd(stream, {"__data__": b"{not json"})
-        await redis.xadd(stream, {"__data__": b'{"type": "job.started", "request_id": 7}'})
-        await redis.xadd(stream, {"__data__": started("job_ok").canonical_json()})
+        await publish_body(test_settings, stream, "{not json")
+        await publish_body(test_settings, stream, '{"type": "job.started", "request_id": 7}')
+        await publish_signed(test_settings, stream, started("job_ok"))
         await eventually(lambda: _done(redis, stream, "intake", handled, 1))
         dlq = Streams.dead_letters(stream)
         await eventually(lambda: _length_is(redis, dlq, 2))
@@ -110,7 +112,7 @@ async def test_entry_that_always_fails_is_dead_lettered_after_max_deliveries(
         return []
 
     async with service.running("t", test_settings, wire, needs_db=False):
-        await redis.xadd(stream, {"__data__": started("job_poison").canonical_json()})
+        await publish_signed(test_settings, stream, started("job_poison"))
         dlq = Streams.dead_letters(stream)
         await eventually(lambda: _length_is(redis, dlq, 1), timeout_s=30)
     ((_, fields),) = await redis.xrange(dlq)
@@ -135,3 +137,37 @@ async def test_idle_consumers_with_nothing_pending_are_pruned_and_busy_ones_kept
 
     names = {c["name"] for c in await redis.xinfo_consumers(stream, "intake")}
     assert deleted == 1 and names == {b"crashed"}, names
+
+
+async def test_an_outage_of_the_handlers_storage_never_dead_letters_and_heals_once(
+    test_settings: Settings, redis: RedisClient
+):
+    """Postgres unreachable for more than max_deliveries deliveries: nothing is dead-lettered,
+    and once it answers again the entry is handled exactly once."""
+    stream = Streams(test_settings.stream_prefix).progress
+    storage = {"url": f"postgresql://postgres@127.0.0.1:{free_port()}/nothing_listens_here"}
+    attempts: list[str] = []
+    handled: list[str] = []
+
+    async def needs_postgres(event: Event, delivery: Delivery) -> None:
+        attempts.append(event.event_id)
+        conn = await asyncpg.connect(storage["url"], timeout=2)
+        try:
+            await conn.fetchval("SELECT 1")
+        finally:
+            await conn.close()
+        handled.append(event.event_id)
+
+    event = started("job_outage")
+    async with service.running("t", test_settings, consumer_of(stream, needs_postgres)):
+        await publish_signed(test_settings, stream, event)
+
+        async def delivered_past_the_limit() -> bool:
+            return len(attempts) > test_settings.max_deliveries + 1
+
+        await eventually(delivered_past_the_limit, timeout_s=60)
+        assert handled == [] and await redis.xlen(Streams.dead_letters(stream)) == 0
+        storage["url"] = test_settings.database_url
+        await eventually(lambda: _done(redis, stream, "intake", handled, 1), timeout_s=60)
+    assert handled == [event.event_id]
+    assert await redis.xlen(Streams.dead_letters(stream)) == 0

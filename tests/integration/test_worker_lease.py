@@ -17,6 +17,7 @@ from tests.integration.helpers import eventually
 from tokenmill import service
 from tokenmill.events import Event, JobSubmitted, parse_event
 from tokenmill.settings import Settings
+from tokenmill.signing import SigningKeys
 from tokenmill.streams import Delivery, Streams, publish_event
 from tokenmill.worker import main as worker_main
 from tokenmill.worker.model import ModelRunner
@@ -67,6 +68,7 @@ async def jobs(test_settings: Settings, runner: ModelRunner, monkeypatch) -> Asy
     broker = RedisBroker(test_settings.redis_url)
     await broker.connect()
     streams = Streams(test_settings.stream_prefix)
+    keys = SigningKeys.parse(test_settings.signing_keys)
 
     async def submit(prompt: str, max_tokens: int) -> JobSubmitted:
         job = JobSubmitted(
@@ -79,7 +81,7 @@ async def jobs(test_settings: Settings, runner: ModelRunner, monkeypatch) -> Asy
             prompt=prompt,
             max_tokens=max_tokens,
         )
-        await publish_event(broker, streams.jobs("eu-west"), job)
+        await publish_event(broker, streams.jobs("eu-west"), job, keys)
         return job
 
     yield submit

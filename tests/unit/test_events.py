@@ -4,7 +4,7 @@ from decimal import Decimal
 import pytest
 from pydantic import ValidationError
 
-from tokenmill.events import EnergyReading, JobCompleted, JobStarted, parse_event
+from tokenmill.events import EnergyReading, JobCompleted, JobStarted, canonical_json, parse_event
 
 
 def completed(**overrides) -> JobCompleted:
@@ -68,3 +68,18 @@ def test_events_are_immutable():
     )
     with pytest.raises(ValidationError):
         event.worker = "other"
+
+
+def test_an_event_from_a_newer_producer_is_read_with_its_unknown_fields_kept():
+    sent = completed().model_dump(mode="json")
+    sent["carbon_g"] = "1.5"
+    sent["energy"]["meter_serial"] = "A-1"
+    body = canonical_json(sent)
+    event = parse_event(body)
+    assert isinstance(event, JobCompleted) and event.energy.energy_j == Decimal("0.123456")
+    assert event.canonical_json() == body
+
+
+def test_constructing_an_event_with_an_unknown_field_still_fails():
+    with pytest.raises(ValidationError, match="extra"):
+        completed(carbon_g="1.5")

@@ -45,7 +45,7 @@ async def sample_forever(rt: service.Runtime, meter: Meter) -> None:
         assert end_j >= start_j, "meters count up"
         try:
             window = sample(meter, rt.settings.region, start, end, end_j - start_j)
-            await publish_event(rt.broker, rt.streams.power, window)
+            await publish_event(rt.broker, rt.streams.power, window, rt.signing_keys)
         except Exception as exc:  # Redis unavailable: widen the window instead of losing it.
             log.warning("power sample not published (%s); folding it into the next window", exc)
             continue

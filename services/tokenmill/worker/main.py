@@ -101,7 +101,7 @@ async def wire(rt: service.Runtime):
         )
         if stopping.is_set():
             raise Stopping(f"{event.request_id} left pending on {delivery.entry_id}")
-        await publish_event(rt.broker, rt.streams.progress, started)
+        await publish_event(rt.broker, rt.streams.progress, started, rt.signing_keys)
         stop = threading.Event()
         job = asyncio.ensure_future(asyncio.to_thread(engine.run, event, stop))
         lease_s = settings.claim_idle_ms / 1000
@@ -120,14 +120,14 @@ async def wire(rt: service.Runtime):
         # The lease may have been lost since the last renewal; only the owner publishes.
         if not await delivery.keep_alive():
             raise LeaseLost(f"{event.request_id}: lost the lease on {delivery.entry_id}")
-        await publish_event(rt.broker, rt.streams.completions, outcome)
+        await publish_event(rt.broker, rt.streams.completions, outcome, rt.signing_keys)
 
     async def on_give_up(raw: bytes, reason: str) -> None:
         # A job no worker could finish fails visibly instead of staying queued forever.
         job = parse_event(raw)
         if isinstance(job, JobSubmitted):
             failed = engine.failed(job, f"no worker could run this job: {reason}")
-            await publish_event(rt.broker, rt.streams.completions, failed)
+            await publish_event(rt.broker, rt.streams.completions, failed, rt.signing_keys)
 
     # One entry at a time: an entry read is owned by this worker until acknowledged.
     consume(

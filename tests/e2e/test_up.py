@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -12,7 +11,7 @@ import time
 import httpx
 import psutil
 
-from tests.e2e.factory import free_port
+from tests.e2e.factory import free_port, up_env
 
 BANNER_S_MAX = 180.0
 JOB_S_MAX = 120.0
@@ -31,14 +30,7 @@ def wait_for_key(process: subprocess.Popen, log_path) -> str:
 
 def test_up_runs_the_factory_on_embedded_servers_and_stops_cleanly(tmp_path):
     port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("TOKENMILL_")}
-    env.update(
-        TOKENMILL_DATA_DIR=str(tmp_path / "data"),
-        TOKENMILL_HTTP_PORT=str(port),
-        TOKENMILL_MODEL_CACHE_DIR=os.environ.get(
-            "TOKENMILL_MODEL_CACHE_DIR", os.path.expanduser("~/.cache/tokenmill/models")
-        ),
-    )
+    env = up_env(tmp_path / "data", port)
     log_path = tmp_path / "up.log"
     with open(log_path, "wb") as log:
         up = subprocess.Popen(

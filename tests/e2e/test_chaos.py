@@ -29,10 +29,12 @@ import pytest
 
 from tests.e2e.factory import free_port, up_env
 from tests.e2e.test_up import wait_for_key
+from tokenmill import datadir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-SERVICE_VICTIMS = ("worker", "ledger", "inspector", "telemetry", "intake")
+# Killed one at a time, each restarted by `up`; then `up` itself is killed and started again.
+CHILD_VICTIMS = ("worker", "ledger", "inspector", "telemetry", "intake", "redis", "postgres")
 # Delivery timings shortened so each kill heals within seconds instead of the production
 # defaults' half a minute: a dead worker's entry is reclaimed after this idle time.
 CHAOS_SETTINGS = {
@@ -89,10 +91,11 @@ class Load:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float) -> bool:
+        """Submit nothing new; True once the submission in hand got through."""
         self._stop.set()
-        self._thread.join(timeout=START_S_MAX)
-        assert not self._thread.is_alive(), "the load's last submission never got through"
+        self._thread.join(timeout=wait_s)
+        return not self._thread.is_alive()
 
     def _run(self) -> None:
         headers = {"Authorization": f"Bearer {self.api_key}"}
@@ -139,25 +142,20 @@ class Load:
 
 @dataclass
 class Census:
-    """Every process the supervisor ran, sampled in the background: what must be gone at the
-    end. Each is kept with its start time, so a recycled PID is never mistaken for it."""
+    """Every process a supervisor ran, sampled in the background: what must be gone at the end.
+    Each is kept with its start time, so a recycled PID is never mistaken for it."""
 
-    data_dir: Path
     up_pid: int = 0
     seen: dict[tuple[int, float], str] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def run(self) -> None:
         while not self._stop.wait(POLL_S):
-            with contextlib.suppress(psutil.Error):
+            with contextlib.suppress(psutil.Error):  # Between a killed `up` and the next.
                 self.sample()
 
     def sample(self) -> None:
-        processes = psutil.Process(self.up_pid).children(recursive=True)
-        postmaster = self.data_dir / "postgres" / "postmaster.pid"
-        with contextlib.suppress(OSError, ValueError, psutil.Error):
-            processes.append(psutil.Process(int(postmaster.read_text().split()[0])))
-        for process in processes:
+        for process in psutil.Process(self.up_pid).children(recursive=True):
             with contextlib.suppress(psutil.Error):
                 label = f"{process.pid} {' '.join(process.cmdline()[-3:])}"
                 self.seen[(process.pid, process.create_time())] = label
@@ -165,17 +163,23 @@ class Census:
     def stop(self) -> None:
         self._stop.set()
 
-    def alive(self, pids: set[int] | None = None) -> list[psutil.Process]:
-        """The processes seen (of `pids`, if given) that still run."""
-        left = []
-        for pid, started in list(self.seen):
-            if pids is not None and pid not in pids:
-                continue
+    def alive(self) -> dict[psutil.Process, str]:
+        """The processes seen that still run, with what they were."""
+        left = {}
+        for (pid, started), label in list(self.seen.items()):
             with contextlib.suppress(psutil.Error):
                 process = psutil.Process(pid)
                 if process.create_time() == started and process.status() != psutil.STATUS_ZOMBIE:
-                    left.append(process)
+                    left[process] = label
         return left
+
+    def end_survivors(self) -> list[str]:
+        """Kill what still runs (ours: this test's `up` started it) and say what it was."""
+        survivors = self.alive()
+        for process in survivors:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        return list(survivors.values())
 
 
 def role_of(process: psutil.Process) -> str:
@@ -191,11 +195,6 @@ def child(up: subprocess.Popen, role: str) -> psutil.Process | None:
             if role_of(process) == role:
                 return process
     return None
-
-
-def database_url(up: subprocess.Popen) -> str:
-    """The embedded Postgres' URL, as `up` hands it to its services."""
-    return child(up, "ledger").environ()["TOKENMILL_DATABASE_URL"]
 
 
 class Books:
@@ -357,43 +356,56 @@ def kill_and_recover(up: Supervisor, books: Books, role: str, report: Report) ->
     report.recovery_s[role] = time.monotonic() - started_s
 
 
+def kill_supervisor_and_restart(
+    up: Supervisor, census: Census, books: Books, report: Report
+) -> None:
+    """SIGKILL `up` itself: everything it ran must die with it. Then start it again on the same
+    data dir, as an operator would, and wait until the whole pipeline works."""
+    killed_at, started_s = datetime.now(UTC), time.monotonic()
+    up.process.send_signal(signal.SIGKILL)
+    up.process.wait()
+    try:
+        wait_until(lambda: not census.alive(), CHILDREN_GONE_S_MAX, "`up`'s children gone")
+    except AssertionError:
+        report.orphans += census.end_survivors()
+    census.up_pid = up.start().pid
+    up.wait_healthy()
+    wait_until(lambda: books.healthy_since(killed_at), RECOVERY_S_MAX, "recovery from up")
+    report.recovery_s["up"] = time.monotonic() - started_s
+
+
 def test_chaos_every_process_killed_under_load(tmp_path):
     up = Supervisor(tmp_path)
-    census = Census(up.data_dir)
+    census = Census()
     report = Report()
     load: Load | None = None
     try:
         census.up_pid = up.start().pid
         threading.Thread(target=census.run, name="chaos-census", daemon=True).start()
         load = Load(up.base_url, wait_for_key(up.process, up.log_path))
-        books = Books(wait_until(lambda: database_url(up.process), START_S_MAX, "a ledger"))
+        books = Books(datadir.read_run(up.data_dir).database_url)
         load.start()
         wait_until(
             lambda: books.healthy_since(datetime.fromtimestamp(0, UTC)),
             START_S_MAX,
             "the first job booked",
         )
-        for role in SERVICE_VICTIMS:
+        for role in CHILD_VICTIMS:
             kill_and_recover(up, books, role, report)
-        load.stop()
+        kill_supervisor_and_restart(up, census, books, report)
+        assert load.stop(START_S_MAX), "the load's last submission never got through"
         report.retries = load.retries
         wait_until(books.drained, DRAIN_S_MAX, "every job completed or failed, and booked")
         report.counts = books.counts(load.accepted)
     finally:
         if load is not None:
-            load._stop.set()
+            load.stop(0)
         if up.process is not None and up.process.poll() is None:
             up.process.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 up.process.wait(timeout=STOP_S_MAX)
         census.stop()
-        report.orphans = [
-            label
-            for (pid, _), label in census.seen.items()
-            if pid in {p.pid for p in census.alive()}
-        ]
-        for process in census.alive():
-            process.kill()  # Ours: started by this test's `up`.
+        report.orphans += census.end_survivors()
         report.print()
     assert up.process.returncode == 0, up.log_tail()
     assert not load.errors, load.errors

@@ -287,7 +287,8 @@ def _socket_dir(pgdata: Path, user: str | None) -> Path:
 
 
 def _postgres_ready(bin_dir: Path, sockets: Path) -> bool:
-    argv = [str(bin_dir / "pg_isready"), "-q", "-h", str(sockets), "-p", str(POSTGRES_PORT)]
+    argv = [str(bin_dir / "pg_isready"), "-q", "-U", "postgres", "-h", str(sockets)]
+    argv += ["-p", str(POSTGRES_PORT)]
     return subprocess.run(argv, check=False).returncode == 0
 
 

@@ -65,20 +65,6 @@ class Factory:
         raise AssertionError("intake did not become healthy")
 
 
-def up_env(data_dir: Path, port: int) -> dict[str, str]:
-    """The environment of a `tokenmill up` on its embedded default: this process's, without any
-    TOKENMILL_ setting it may carry, and the shared model cache so nothing is downloaded."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("TOKENMILL_")}
-    env.update(
-        TOKENMILL_DATA_DIR=str(data_dir),
-        TOKENMILL_HTTP_PORT=str(port),
-        TOKENMILL_MODEL_CACHE_DIR=os.environ.get(
-            "TOKENMILL_MODEL_CACHE_DIR", os.path.expanduser("~/.cache/tokenmill/models")
-        ),
-    )
-    return env
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -27,8 +27,8 @@ import httpx
 import psutil
 import pytest
 
-from tests.e2e.factory import free_port, up_env
-from tests.e2e.test_up import wait_for_key
+from tests.e2e.factory import free_port
+from tests.e2e.test_up import up_env, wait_for_key
 from tokenmill import datadir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

@@ -26,10 +26,13 @@ import asyncpg
 import httpx
 import psutil
 import pytest
+import redis
 
 from tests.e2e.factory import free_port
 from tests.e2e.test_up import up_env, wait_for_key
 from tokenmill import datadir
+from tokenmill.settings import Settings
+from tokenmill.streams import Streams
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -41,6 +44,9 @@ CHAOS_SETTINGS = {
     "TOKENMILL_CLAIM_IDLE_MS": "5000",
     "TOKENMILL_POWER_SAMPLE_INTERVAL_S": "2",
     "TOKENMILL_OUTBOX_POLL_S": "0.2",
+    # `up` gives up past this many restarts in a minute, counted over all its children
+    # together; this run kills seven different ones, each once, within about a minute.
+    "TOKENMILL_RESTARTS_PER_MINUTE_MAX": "20",
 }
 JOB = {"max_tokens": 6}
 IN_FLIGHT_MAX = 3
@@ -248,7 +254,9 @@ class Books:
             "r.completion_event_id, r.booked_completion_event_id, "
             "u.completion_event_id AS usage_completion, "
             "(SELECT count(*) FROM ledger.outbox o WHERE o.event_type = 'usage.booked' "
-            " AND o.body::jsonb ->> 'request_id' = r.request_id) AS bookings "
+            " AND o.body::jsonb ->> 'request_id' = r.request_id) AS bookings, "
+            "(SELECT count(*) FROM ledger.events e WHERE e.event_type = 'job.started' "
+            " AND e.request_id = r.request_id) AS starts "
             "FROM intake.requests r LEFT JOIN ledger.request_usage u USING (request_id)"
         )
         by_key = {row["idempotency_key"]: row for row in rows}
@@ -273,8 +281,21 @@ class Books:
                 for r in completed
                 if r["usage_completion"] not in (None, r["completion_event_id"])
             ),
+            # Started more than once: a kill caught it running (informative, not a fault).
+            "reruns": sum(1 for r in rows if r["starts"] > 1),
             "stuck": sum(1 for r in rows if r["status"] in ("queued", "running")),
         }
+
+
+def dead_letters(data_dir: Path) -> int:
+    """Entries a consumer gave up on, over every stream of the live `up`."""
+    settings = Settings()
+    client = redis.Redis.from_url(datadir.read_run(data_dir).redis_url)
+    try:
+        streams = Streams(settings.stream_prefix).all(settings.region)
+        return sum(client.xlen(Streams.dead_letters(stream)) for stream in streams)
+    finally:
+        client.close()
 
 
 class Supervisor:
@@ -316,6 +337,8 @@ class Report:
     redis_to_first_completion_s: float | None = None
     orphans: list[str] = field(default_factory=list)
     retries: int = 0
+    run_s: float = 0.0
+    log_path: Path | None = None
 
     def print(self) -> None:
         counts = {**self.counts, "orphans": len(self.orphans)}
@@ -327,8 +350,9 @@ class Report:
             + "\nredis kill -> first job completed again: "
             + (f"{redis_s:.1f}s" if redis_s is not None else "never")
             + f"\nrecovery (kill -> a new job run, inspected, metered and booked): {recovery}"
-            + f"\nclient retries while intake was down: {self.retries}"
+            + f"\nsubmissions retried while intake or its storage was down: {self.retries}"
             + "".join(f"\norphan: {label}" for label in self.orphans)
+            + f"\nrun: {self.run_s:.0f}s, log: {self.log_path}"
             + "\n=====================",
             flush=True,
         )
@@ -377,7 +401,8 @@ def kill_supervisor_and_restart(
 def test_chaos_every_process_killed_under_load(tmp_path):
     up = Supervisor(tmp_path)
     census = Census()
-    report = Report()
+    report = Report(log_path=up.log_path)
+    started_s = time.monotonic()
     load: Load | None = None
     try:
         census.up_pid = up.start().pid
@@ -394,18 +419,19 @@ def test_chaos_every_process_killed_under_load(tmp_path):
             kill_and_recover(up, books, role, report)
         kill_supervisor_and_restart(up, census, books, report)
         assert load.stop(START_S_MAX), "the load's last submission never got through"
-        report.retries = load.retries
         wait_until(books.drained, DRAIN_S_MAX, "every job completed or failed, and booked")
-        report.counts = books.counts(load.accepted)
+        report.counts = {**books.counts(load.accepted), "dead_letters": dead_letters(up.data_dir)}
     finally:
         if load is not None:
             load.stop(0)
+            report.retries = load.retries
         if up.process is not None and up.process.poll() is None:
             up.process.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 up.process.wait(timeout=STOP_S_MAX)
         census.stop()
         report.orphans += census.end_survivors()
+        report.run_s = time.monotonic() - started_s
         report.print()
     assert up.process.returncode == 0, up.log_tail()
     assert not load.errors, load.errors

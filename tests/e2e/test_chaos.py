@@ -163,7 +163,7 @@ class Census:
     def sample(self) -> None:
         for process in psutil.Process(self.up_pid).children(recursive=True):
             with contextlib.suppress(psutil.Error):
-                label = f"{process.pid} {' '.join(process.cmdline()[-3:])}"
+                label = f"{process.pid} {role_of(process)}"
                 self.seen[(process.pid, process.create_time())] = label
 
     def stop(self) -> None:

@@ -1,5 +1,6 @@
-"""Chaos: SIGKILL every process `tokenmill up` runs, the embedded Redis and the supervisor itself,
-under a steady load of small jobs, and check what a user and an operator would check after it.
+"""Chaos: SIGKILL every process `tokenmill up` runs (each service, the embedded Redis and Postgres)
+and the supervisor itself, under a steady load of small jobs, and check what a user and an
+operator would check after it.
 
 Every job a client saw accepted completed, or failed with an error it can read; every completed
 job is booked exactly once and no failed one is booked; nothing is left queued or running; and
@@ -63,13 +64,16 @@ POLL_S = 0.25
 
 def wait_until(check: Callable[[], object], timeout_s: float, what: str) -> object:
     """Poll `check` until it returns something true; a check that raises counts as not yet
-    (a server restarting), and the last such error is part of the failure."""
+    (a server restarting), and the last such error is part of the failure. An AssertionError
+    from the check fails at once."""
     deadline = time.monotonic() + timeout_s
     error: Exception | None = None
     while time.monotonic() < deadline:
         try:
             if found := check():
                 return found
+        except AssertionError:
+            raise  # A check that knows it can never pass fails at once.
         except Exception as exc:  # Whatever a server that is down or restarting raises.
             error = exc
         time.sleep(POLL_S)
@@ -195,14 +199,6 @@ def role_of(process: psutil.Process) -> str:
     return "redis" if "redis-server" in " ".join(command[:1]) else process.name()
 
 
-def child(up: subprocess.Popen, role: str) -> psutil.Process | None:
-    for process in psutil.Process(up.pid).children():
-        with contextlib.suppress(psutil.Error):
-            if role_of(process) == role:
-                return process
-    return None
-
-
 class Books:
     """What Postgres says about the run: one short connection per question, so a question
     asked while the supervisor is down simply fails and is asked again."""
@@ -251,7 +247,7 @@ class Books:
     def counts(self, accepted: dict[str, str]) -> dict[str, int]:
         rows = self.fetch(
             "SELECT r.request_id, r.idempotency_key, r.status, r.error, "
-            "r.completion_event_id, r.booked_completion_event_id, "
+            "r.completion_event_id, "
             "u.completion_event_id AS usage_completion, "
             "(SELECT count(*) FROM ledger.outbox o WHERE o.event_type = 'usage.booked' "
             " AND o.body::jsonb ->> 'request_id' = r.request_id) AS bookings, "
@@ -319,9 +315,18 @@ class Supervisor:
             )
         return self.process
 
+    def child(self, role: str) -> psutil.Process | None:
+        """The child of the running `up` that plays `role` (a service's name, redis, postgres)."""
+        assert self.process.poll() is None, f"tokenmill up exited: {self.log_tail()}"
+        for process in psutil.Process(self.process.pid).children():
+            with contextlib.suppress(psutil.Error):
+                if role_of(process) == role:
+                    return process
+        return None
+
     def wait_healthy(self) -> None:
         def answers() -> bool:
-            assert self.process.poll() is None, self.log_tail()
+            assert self.process.poll() is None, f"tokenmill up exited: {self.log_tail()}"
             return httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200
 
         wait_until(answers, START_S_MAX, "intake answering after `up` restarted")
@@ -340,6 +345,9 @@ class Report:
     run_s: float = 0.0
     log_path: Path | None = None
 
+    def log_kib(self) -> int:
+        return self.log_path.stat().st_size // 1024 if self.log_path.exists() else 0
+
     def print(self) -> None:
         counts = {**self.counts, "orphans": len(self.orphans)}
         recovery = " ".join(f"{name}={s:.1f}s" for name, s in self.recovery_s.items())
@@ -352,7 +360,7 @@ class Report:
             + f"\nrecovery (kill -> a new job run, inspected, metered and booked): {recovery}"
             + f"\nsubmissions retried while intake or its storage was down: {self.retries}"
             + "".join(f"\norphan: {label}" for label in self.orphans)
-            + f"\nrun: {self.run_s:.0f}s, log: {self.log_path}"
+            + f"\nrun: {self.run_s:.0f}s, log: {self.log_path} ({self.log_kib()} KiB)"
             + "\n=====================",
             flush=True,
         )
@@ -360,12 +368,12 @@ class Report:
 
 def kill_and_recover(up: Supervisor, books: Books, role: str, report: Report) -> None:
     """SIGKILL one child of `up`, then wait until it is back and the whole pipeline works."""
-    victim = child(up.process, role)
+    victim = up.child(role)
     assert victim is not None, f"no {role} under tokenmill up"
     killed_at, started_s = datetime.now(UTC), time.monotonic()
     victim.send_signal(signal.SIGKILL)
     wait_until(
-        lambda: (found := child(up.process, role)) is not None and found.pid != victim.pid,
+        lambda: (found := up.child(role)) is not None and found.pid != victim.pid,
         RECOVERY_S_MAX,
         f"{role} restarted by tokenmill up",
     )

@@ -52,9 +52,9 @@ def die_with_parent(signum: int) -> Callable[[], None] | None:
     a killed supervisor leaves nothing running. The signal follows the death of the *thread*
     that started the child: start children from the main thread only.
 
-    Only Linux has a parent-death signal. Elsewhere (macOS, the BSDs) nothing stops the
-    children of a killed `up`: they keep running until stopped by hand, though the data dir
-    lock still refuses a second `up` only while the first is alive."""
+    Only Linux has a parent-death signal. Elsewhere (macOS, the BSDs) the children of a
+    killed `up` keep running: the next `up` on the data dir stops the servers it finds on its
+    files (see `_end_stale`), but the old services run on until stopped by hand."""
     if sys.platform != "linux":
         return None
     prctl = ctypes.CDLL(None, use_errno=True).prctl  # Looked up before the fork, not after.

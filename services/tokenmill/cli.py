@@ -32,7 +32,11 @@ log = logging.getLogger("tokenmill")
 SERVICES = ("ledger", "inspector", "telemetry", "worker", "intake")
 # The order `up` stops them in: intake stops taking requests first, the worker finishes or
 # hands back its job while its consumers still run, then the consumers drain.
-STOP_ORDER = (("intake",), ("worker",), ("ledger", "inspector", "telemetry"))
+STOP_ORDER = (
+    ("intake",),
+    ("worker",),
+    tuple(name for name in SERVICES if name not in ("intake", "worker")),
+)
 READY_WAIT_S_MAX = 600.0
 
 

@@ -4,6 +4,7 @@ private, and it stops in order."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -114,11 +115,8 @@ def test_keys_create_while_up_runs_uses_its_servers(up):
         stderr=subprocess.PIPE,
         text=True,
     )
-    # Watch for a second Redis on the same files for as long as the command runs: Redis
-    # works in its --dir, so its working directory gives it away.
-    while command.poll() is None:
-        on_files = [p.pid for p in psutil.process_iter(["name"]) if _works_in(p, redis_dir)]
-        assert on_files == [redis_before.pid]
+    while command.poll() is None:  # No second Redis on the same files, ever.
+        assert working_in("redis-server", redis_dir) == [redis_before.pid]
         time.sleep(0.05)
     output, errors = command.communicate()
     assert command.returncode == 0, errors
@@ -131,11 +129,15 @@ def test_keys_create_while_up_runs_uses_its_servers(up):
     assert up.server("redis-server").pid == redis_before.pid
 
 
-def _works_in(process: psutil.Process, directory: Path) -> bool:
-    try:
-        return process.info["name"] == "redis-server" and Path(process.cwd()) == directory
-    except psutil.Error:
-        return False
+def working_in(name: str, directory: Path) -> list[int]:
+    """The PIDs of `name` processes working in `directory`: Redis works in its --dir, and
+    Postgres in its data directory, whatever they show as their command line."""
+    found = []
+    for process in psutil.process_iter(["name"]):
+        with contextlib.suppress(psutil.Error):
+            if process.info["name"] == name and Path(process.cwd()) == directory:
+                found.append(process.pid)
+    return found
 
 
 def test_the_data_dir_and_its_files_are_private(up):
@@ -166,6 +168,7 @@ def test_a_killed_redis_comes_back_on_its_port_and_jobs_complete_after(up):
     up.server("redis-server").kill()
     killed_s = time.monotonic()
     wait_until(lambda: _answers(url), RESTART_S_MAX, "redis did not come back on its port")
+    print(f"redis killed → answering on its port again in {time.monotonic() - killed_s:.1f}s")
     headers = {"Authorization": f"Bearer {up.key}"}
     job = httpx.post(
         f"{up.base_url}/v1/jobs", json={"prompt": "Say hi.", "max_tokens": 8}, headers=headers
@@ -224,3 +227,42 @@ def test_children_die_with_a_killed_up_and_the_next_up_starts_clean(tmp_path):
     finally:
         second.stop()
     assert second.process.returncode == 0
+
+
+def test_a_postgres_left_by_an_earlier_run_does_not_outlive_the_next_clean_exit(tmp_path):
+    data_dir = tmp_path / "data"
+    migrate = [sys.executable, "-m", "tokenmill.cli", "migrate"]
+    env = up_env(data_dir, free_port())
+    subprocess.run(migrate, env=env, check=True, capture_output=True, timeout=COMMAND_S_MAX)
+    # What a killed run of an earlier version left: a Postgres daemonized by pg_ctl (so no
+    # child of anyone) with pgserver's list of handles naming a process that is gone.
+    pgdata = data_dir / "postgres"
+    (pgdata / ".handle_pids.json").write_text("[1]")
+    pg_ctl = Path(pgserver_bin(), "pg_ctl")
+    as_owner = {"user": pgdata.owner(), "group": pgdata.group(), "extra_groups": []}
+    subprocess.run(
+        [
+            pg_ctl,
+            "-D",
+            pgdata,
+            "-o",
+            f"-h '' -k {pgdata}",
+            "-l",
+            pgdata / "leftover.log",
+            "-w",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+        **(as_owner if os.geteuid() == 0 else {}),
+    )
+    leftover = psutil.Process(int((pgdata / "postmaster.pid").read_text().split()[0]))
+    subprocess.run(migrate, env=env, check=True, capture_output=True, timeout=COMMAND_S_MAX)
+    assert gone(leftover)
+    assert working_in("postgres", pgdata) == []
+
+
+def pgserver_bin() -> Path:
+    import importlib.util
+
+    return Path(importlib.util.find_spec("pgserver").submodule_search_locations[0], "pginstall/bin")

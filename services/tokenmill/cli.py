@@ -246,6 +246,9 @@ def cmd_up(settings: Settings, _: argparse.Namespace) -> None:
     # left SIGINT ignored.
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
+    # Everything `up` and its children write (the model cache in the data dir included) is
+    # for our user only: it is made of prompts, outputs and keys.
+    os.umask(0o077)
     data_dir = Path(settings.data_dir)
     datadir.secure(data_dir)
     settings = with_local_key(settings)

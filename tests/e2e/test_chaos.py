@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -92,7 +93,8 @@ class Load:
     def __init__(self, base_url: str, api_key: str):
         self.base_url, self.api_key = base_url, api_key
         self.accepted: dict[str, str] = {}  # Idempotency-Key -> job id, from a 202 or a 200.
-        self.retries = 0
+        # Why a submission was retried: "refused" (no connection) or the status answered.
+        self.retries: Counter[str] = Counter()
         self.errors: list[str] = []
         self._unfinished: list[str] = []
         self._stop = threading.Event()
@@ -144,9 +146,9 @@ class Load:
                 if answer.status_code < 500:
                     self.errors.append(f"{key}: {answer.status_code} {answer.text[:200]}")
                     return
+                self.retries[str(answer.status_code)] += 1
             except httpx.TransportError:
-                pass
-            self.retries += 1
+                self.retries["refused"] += 1
             time.sleep(SUBMIT_RETRY_S)
 
 
@@ -341,7 +343,7 @@ class Report:
     recovery_s: dict[str, float] = field(default_factory=dict)
     redis_to_first_completion_s: float | None = None
     orphans: list[str] = field(default_factory=list)
-    retries: int = 0
+    retries: Counter[str] = field(default_factory=Counter)
     run_s: float = 0.0
     log_path: Path | None = None
 
@@ -358,7 +360,8 @@ class Report:
             + "\nredis kill -> first job completed again: "
             + (f"{redis_s:.1f}s" if redis_s is not None else "never")
             + f"\nrecovery (kill -> a new job run, inspected, metered and booked): {recovery}"
-            + f"\nsubmissions retried while intake or its storage was down: {self.retries}"
+            + "\nsubmissions retried while intake or its storage was down: "
+            + (" ".join(f"{why}={n}" for why, n in sorted(self.retries.items())) or "none")
             + "".join(f"\norphan: {label}" for label in self.orphans)
             + f"\nrun: {self.run_s:.0f}s, log: {self.log_path} ({self.log_kib()} KiB)"
             + "\n=====================",

@@ -53,3 +53,9 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# SIGKILLs every service, the embedded Redis and `tokenmill up` itself under a steady load, then
+# checks the books and prints the counts (a few minutes; slow-marked, so `make test` skips it).
+.PHONY: chaos
+chaos: install
+	$(PYTEST) -q -m slow tests/e2e/test_chaos.py -s

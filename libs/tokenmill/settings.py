@@ -87,8 +87,8 @@ class Settings:
     outage_log_interval_s: float = 60.0
 
     # Supervision by `tokenmill up`. A service or embedded server that keeps exiting is not
-    # restarted for ever: past this many restarts in a minute `up` stops everything and says
-    # which one failed.
+    # restarted for ever: past this many restarts of one of them in a minute `up` stops
+    # everything and says which one failed.
     restarts_per_minute_max: int = 5
     # `up` stops in order, each step bounded so that a stuck process cannot hold the others:
     # intake first (it answers 503 while it drains its requests), then the worker (it finishes

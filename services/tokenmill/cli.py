@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from tokenmill import datadir, deadletters, service
 from tokenmill.db import migrate
 from tokenmill.embedded import EmbeddedInfra, die_with_parent
-from tokenmill.settings import Settings
+from tokenmill.settings import ENV_PREFIX, Settings
 from tokenmill.signing import SigningKeyError, SigningKeys, with_local_key
 from tokenmill.streams import Streams, create_groups
 
@@ -127,7 +127,10 @@ async def prepare(settings: Settings) -> str | None:
 
 
 def spawn(name: str, settings: Settings) -> subprocess.Popen:
+    # Each service names its own consumer (host and pid), so a restarted worker is never taken
+    # for the dead one it replaces when a lease's owner is checked.
     env = {**os.environ, **settings.to_env()}
+    del env[ENV_PREFIX + "CONSUMER"]
     # A session of its own: Ctrl-C reaches only `up`, which then stops every service in turn,
     # instead of every process receiving it at once in whatever state it is in. SIGKILL when
     # `up` dies: with no supervisor left there is no order to stop in, and every service's
@@ -146,16 +149,21 @@ def _interrupt(signum: int, _frame: object) -> None:
 
 @dataclasses.dataclass
 class RestartBudget:
-    """At most `per_minute_max` restarts, of services and embedded servers together, in any
-    minute: past that `up` stops everything and says which one kept exiting."""
+    """At most `per_minute_max` restarts of any one service or embedded server in a minute:
+    past that `up` stops everything and says which one kept exiting.
+
+    Counted per process: one crash-looping child is what this stops, while several children
+    each dying once (a host under memory pressure, an operator's test) are each restarted.
+    """
 
     per_minute_max: int
-    times_s: list[float] = dataclasses.field(default_factory=list)
+    times_s: dict[str, list[float]] = dataclasses.field(default_factory=dict)
 
     def spend(self, name: str, code: int | None) -> None:
         now_s = time.monotonic()
-        self.times_s = [t for t in self.times_s if now_s - t < 60] + [now_s]
-        if len(self.times_s) > self.per_minute_max:
+        recent_s = [t for t in self.times_s.get(name, []) if now_s - t < 60] + [now_s]
+        self.times_s[name] = recent_s
+        if len(recent_s) > self.per_minute_max:
             raise SystemExit(f"{name} keeps exiting (code {code}); stopping")
 
 

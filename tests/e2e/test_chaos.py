@@ -46,9 +46,6 @@ CHAOS_SETTINGS = {
     "TOKENMILL_CLAIM_IDLE_MS": "5000",
     "TOKENMILL_POWER_SAMPLE_INTERVAL_S": "2",
     "TOKENMILL_OUTBOX_POLL_S": "0.2",
-    # `up` gives up past this many restarts in a minute, counted over all its children
-    # together; this run kills seven different ones, each once, within about a minute.
-    "TOKENMILL_RESTARTS_PER_MINUTE_MAX": "20",
 }
 JOB = {"max_tokens": 6}
 IN_FLIGHT_MAX = 3

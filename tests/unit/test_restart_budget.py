@@ -14,8 +14,16 @@ def test_restarts_past_the_budget_in_a_minute_stop_up_naming_the_culprit():
 def test_restarts_older_than_a_minute_no_longer_count():
     budget = RestartBudget(per_minute_max=1)
     budget.spend("worker", 1)
-    budget.times_s = [t - 61 for t in budget.times_s]
+    budget.times_s["worker"] = [t - 61 for t in budget.times_s["worker"]]
     budget.spend("worker", 1)
+
+
+def test_each_process_has_its_own_budget():
+    budget = RestartBudget(per_minute_max=1)
+    for name in ("worker", "ledger", "inspector", "redis", "postgres"):
+        budget.spend(name, -9)
+    with pytest.raises(SystemExit, match="ledger keeps exiting"):
+        budget.spend("ledger", -9)
 
 
 def test_every_service_is_stopped_once_intake_first_and_the_worker_before_consumers():

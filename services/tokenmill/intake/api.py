@@ -9,10 +9,11 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill import service
-from tokenmill.intake import jobs, views
+from tokenmill.intake import jobs, openapi, views
 from tokenmill.intake.keys import Customer, KeyCache
 from tokenmill.intake.requests import Api, GenerationRequest, InvalidRequest, validate
 from tokenmill.settings import Settings
@@ -78,12 +79,12 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
 
 
 async def customer(
-    request: Request, authorization: Annotated[str | None, Header()] = None
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(openapi.BEARER)],
 ) -> Customer:
-    scheme, _, key = (authorization or "").partition(" ")
     found = None
-    if scheme.lower() == "bearer" and key:
-        found = await request.app.state.keys.customer(key.strip())
+    if bearer is not None:
+        found = await request.app.state.keys.customer(bearer.credentials)
     if found is None:
         raise ApiError(
             401,
@@ -109,6 +110,7 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
                 yield
 
     app = FastAPI(title="tokenmill intake", version="0.1.0", lifespan=lifespan)
+    openapi.install(app, settings)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -121,7 +123,9 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else "http_error"
-        return error_response(request, ApiError(exc.status_code, code, str(exc.detail)))
+        # Starlette's 405 names the allowed methods in its headers (Allow); keep them.
+        error = ApiError(exc.status_code, code, str(exc.detail), headers=exc.headers)
+        return error_response(request, error)
 
     async def accept(
         request: Request, who: Customer, body: GenerationRequest, api: Api, key: str | None
@@ -171,6 +175,9 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
 
     @app.get("/v1/jobs/{job_id}")
     async def get_job(request: Request, job_id: str, who: CustomerDep) -> dict[str, Any]:
+        if "\x00" in job_id:
+            # PostgreSQL text cannot hold NUL, so no job id has one: say so instead of failing.
+            raise ApiError(400, "invalid_request", "job_id must not contain NUL", "job_id")
         row = await jobs.find(request.app.state.runtime.db, who, job_id)
         if row is None:
             raise ApiError(404, "not_found", f"no job {job_id}")

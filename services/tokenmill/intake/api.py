@@ -96,7 +96,14 @@ async def customer(
 
 
 CustomerDep = Annotated[Customer, Depends(customer)]
-IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key")]
+IdempotencyKey = Annotated[
+    str | None,
+    # Declared for the document; accept() checks it, to answer in the API's own error shape.
+    Header(
+        alias="Idempotency-Key",
+        json_schema_extra={"minLength": 1, "maxLength": IDEMPOTENCY_KEY_CHARS_MAX},
+    ),
+]
 
 
 def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:

@@ -251,6 +251,8 @@ _REQUEST_SCHEMAS: dict[Api, str] = {
     "chat": "ChatCompletionRequest",
     "completions": "CompletionRequest",
 }
+# A prompt, or some message, must have text that is not whitespace.
+_SOME_TEXT = r"\S"
 _MODELS: tuple[type[BaseModel], ...] = (
     JobView,
     ChatCompletion,
@@ -346,8 +348,12 @@ def _request_schema(base: dict[str, Any], api: Api, settings: Settings) -> dict[
     properties = schema["properties"]
     properties.update(
         model={"enum": [settings.model, None], "description": "The one model served here."},
-        prompt={"type": "string", "minLength": 1, "maxLength": settings.max_prompt_chars},
-        messages={"type": "array", "minItems": 1, "items": _ref("ChatMessage")},
+        prompt={"type": "string", "pattern": _SOME_TEXT, "maxLength": settings.max_prompt_chars},
+        messages={
+            "type": "array",
+            "items": _ref("ChatMessage"),
+            "contains": {"properties": {"content": {"pattern": _SOME_TEXT}}},
+        },
         max_tokens={"anyOf": [tokens, {"type": "null"}]},
         max_completion_tokens={"anyOf": [tokens, {"type": "null"}]},
         stop={

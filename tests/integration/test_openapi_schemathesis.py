@@ -22,7 +22,7 @@ from tokenmill.settings import Settings
 
 # Generated requests per operation and phase: enough to find crashes, small enough that the
 # whole run stays well under a minute on two slow cores.
-EXAMPLES_MAX = 30
+EXAMPLES_MAX = 20
 # No worker runs, so a completion is never ready: answer 504 at once rather than after 120 s.
 CHAT_WAIT_S = 0.05
 
@@ -97,11 +97,8 @@ def test_every_answer_is_declared_shaped_as_declared_and_never_a_server_error(
         for op in (result.ok() for result in api_schema.get_all_operations())
     }
     assert {operation for operation, _ in answers} == operations, answers
-    # Generated bodies got past validation into the database: jobs were accepted, and
-    # completions were recorded and waited for (504: no worker runs).
-    for operation, accepted in [
-        ("POST /v1/jobs", 202),
-        ("POST /v1/chat/completions", 504),
-        ("POST /v1/completions", 504),
-    ]:
-        assert answers[(operation, accepted)] >= EXAMPLES_MAX // 3, answers
+    # Generated bodies got past validation into the database: jobs were accepted, completions
+    # recorded and waited for (504: no worker runs), or a reused Idempotency-Key looked up.
+    for operation in ("POST /v1/jobs", "POST /v1/chat/completions", "POST /v1/completions"):
+        stored = sum(answers[(operation, status)] for status in (200, 202, 409, 504))
+        assert stored >= EXAMPLES_MAX, answers

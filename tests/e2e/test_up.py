@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -29,21 +30,34 @@ def wait_for_key(process: subprocess.Popen, log_path) -> str:
     raise AssertionError("tokenmill up printed no API key in time")
 
 
-def test_up_runs_the_factory_on_embedded_servers_and_stops_cleanly(tmp_path):
-    port = free_port()
+def up_env(data_dir: Path, port: int) -> dict[str, str]:
+    """The environment of a user running `tokenmill up` on `data_dir`, serving on `port`."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("TOKENMILL_")}
     env.update(
-        TOKENMILL_DATA_DIR=str(tmp_path / "data"),
+        TOKENMILL_DATA_DIR=str(data_dir),
         TOKENMILL_HTTP_PORT=str(port),
         TOKENMILL_MODEL_CACHE_DIR=os.environ.get(
             "TOKENMILL_MODEL_CACHE_DIR", os.path.expanduser("~/.cache/tokenmill/models")
         ),
     )
-    log_path = tmp_path / "up.log"
+    return env
+
+
+def start_up(data_dir: Path, port: int, log_path: Path, **popen: object) -> subprocess.Popen:
     with open(log_path, "wb") as log:
-        up = subprocess.Popen(
-            [sys.executable, "-m", "tokenmill.cli", "up"], env=env, stdout=log, stderr=log
+        return subprocess.Popen(
+            [sys.executable, "-m", "tokenmill.cli", "up"],
+            env=up_env(data_dir, port),
+            stdout=log,
+            stderr=log,
+            **popen,
         )
+
+
+def test_up_runs_the_factory_on_embedded_servers_and_stops_cleanly(tmp_path):
+    port = free_port()
+    log_path = tmp_path / "up.log"
+    up = start_up(tmp_path / "data", port, log_path)
     try:
         key = wait_for_key(up, log_path)
         services = psutil.Process(up.pid).children()

@@ -112,12 +112,16 @@ async def test_a_worker_that_lost_its_lease_stops_the_job_and_publishes_nothing(
         long = await jobs(LONG_PROMPT, 2000)
         await eventually(lambda: _has(redis, streams.progress, long.request_id))
         (entry,) = await redis.xpending_range(jobs_stream, "worker", "-", "+", 1)
-        # Another worker's claimer takes the entry, as it would from a worker that looked dead.
-        await redis.xclaim(jobs_stream, "worker", "other-worker", 0, [entry["message_id"]])
-        # The worker takes one entry at a time, so a short job completes only once the long
-        # one was stopped; without the stop it would run for minutes.
-        short = await jobs("Hi", 3)
-        await eventually(lambda: _has(redis, streams.completions, short.request_id), 60)
+        # Another worker's claimer takes the entry, as it would from a worker that looked dead,
+        # and that worker stays alive: it renews its lease, so our claimer leaves it alone.
+        other = asyncio.create_task(_hold(redis, jobs_stream, entry["message_id"]))
+        try:
+            # The worker runs one job at a time, so a short job completes only once the long
+            # one was stopped; without the stop it would run for minutes.
+            short = await jobs("Hi", 3)
+            await eventually(lambda: _has(redis, streams.completions, short.request_id), 60)
+        finally:
+            other.cancel()
     assert await events_on(redis, streams.completions, long.request_id) == []
     assert await owner_of(redis, jobs_stream) == [b"other-worker"]
 
@@ -148,6 +152,13 @@ async def test_on_stop_the_job_in_hand_finishes_and_no_new_one_starts(
     assert await events_on(redis, streams.completions, second.request_id) == []
     # The first entry was acknowledged; the second was never started by this worker.
     assert await owner_of(redis, streams.jobs("eu-west")) in ([], [test_settings.consumer.encode()])
+
+
+async def _hold(redis: RedisClient, stream: str, entry_id: bytes) -> None:
+    """Own the entry as a live "other-worker" would: claim it, then renew it every 0.2 s."""
+    while True:
+        await redis.xclaim(stream, "worker", "other-worker", 0, [entry_id], justid=True)
+        await asyncio.sleep(0.2)
 
 
 async def _has(redis: RedisClient, stream: str, request_id: str) -> bool:

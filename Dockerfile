@@ -56,6 +56,13 @@ RUN groupadd --system --gid 10001 tokenmill \
     && mkdir -p /var/lib/tokenmill/models \
     && chown -R tokenmill:tokenmill /var/lib/tokenmill
 
+# The intake counts prompt tokens with the default model's tokenizer, which it otherwise
+# exports from the GGUF on its first start (a minute of importing transformers): export it
+# once here, so no intake container spends its start, and its probes' patience, on it.
+RUN TOKENMILL_MODEL_CACHE_DIR=/var/lib/tokenmill/models python -c \
+    "from tokenmill import tokenizer; from tokenmill.settings import Settings; \
+tokenizer.load(Settings.from_env())"
+
 # Services listen on every interface inside the container (the default, 127.0.0.1, would be
 # unreachable from outside it). Nothing is ever fetched from a model hub at run time.
 ENV TOKENMILL_DATA_DIR=/var/lib/tokenmill \

@@ -104,6 +104,19 @@ class Settings:
     embedded_start_s_max: float = 120.0
     data_dir_wait_s_max: float = 120.0
 
+    # What one request may carry, so that no client can make the intake parse, store or queue
+    # without bound: stop strings and messages are kept for ever in the append-only event log.
+    # A body over `request_body_bytes_max` is refused with 413 as it is read, whatever its
+    # Content-Length claims; the counts and lengths below are refused with 400. A prompt must
+    # also leave room for max_tokens in the model's context, counted in the model's own tokens.
+    request_body_bytes_max: int = 1_048_576
+    request_messages_max: int = 256
+    request_stop_sequences_max: int = 4
+    request_stop_chars_max: int = 256
+    # The intake exports a GGUF model's tokenizer once into the model cache, in a child process
+    # that imports transformers (about a minute on two busy cores); past this it gives up.
+    tokenizer_export_timeout_s: float = 600.0
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
         env = os.environ if environ is None else environ

@@ -110,7 +110,8 @@ async def test_completion_delivered_three_times_is_booked_once(
     assert view["usage"] == {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
     assert view["energy"] == {"joules": "3600", "meter": "scripted", "estimated": True}
     # 10 x $0.50/M + 5 x $1.50/M; 3600 J = 0.001 kWh x 1.2 x $0.12 + 36 s = 0.01 h x $0.04.
-    assert view["billing"] == {"revenue": "0.0000125", "cost": "0.000544", "currency": "USD"}
+    # The customer sees the charge; our cost (0.000544) stays in the ledger's books.
+    assert view["billing"] == {"revenue": "0.0000125", "currency": "USD"}
 
     async def verdicts_recorded() -> bool:
         judged = "SELECT count(*) FROM ledger.quality WHERE request_id = $1"
@@ -126,6 +127,7 @@ async def test_completion_delivered_three_times_is_booked_once(
         "SELECT * FROM ledger.request_usage WHERE request_id = $1", job.request_id
     )
     assert len(rows) == 1 and rows[0]["completion_event_id"] == first.event_id
+    assert rows[0]["cost"] == Decimal("0.000544")
     assert rows[0]["margin"] == rows[0]["revenue"] - rows[0]["cost"]
 
     async def both_completions_logged() -> bool:
@@ -149,7 +151,7 @@ async def test_completion_delivered_three_times_is_booked_once(
     usage = (await factory.get("/v1/usage", headers=auth(key))).json()
     (standard,) = usage["tiers"]
     assert standard["tier"] == "standard" and standard["completion_tokens"] == 5
-    assert standard["revenue"] == "0.0000125" and standard["cost"] == "0.000544"
+    assert standard["revenue"] == "0.0000125" and "cost" not in standard
     assert standard["currency"] == "USD"
 
 

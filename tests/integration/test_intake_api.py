@@ -158,3 +158,12 @@ async def test_another_customers_job_is_not_found(client: httpx.AsyncClient, poo
     assert response.status_code == 404
     missing = await client.get("/v1/jobs/job_nope", headers=auth(stranger))
     assert missing.json()["detail"].replace("job_nope", job["id"]) == response.json()["detail"]
+
+
+async def test_a_method_a_route_lacks_is_a_405_that_names_the_allowed_ones(
+    client: httpx.AsyncClient,
+):
+    response = await client.delete("/v1/jobs/job_x")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET"
+    assert (await client.get("/v1/jobs")).headers["allow"] == "POST"

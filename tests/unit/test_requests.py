@@ -1,8 +1,10 @@
 import pytest
+from pydantic import ValidationError
 
 from tokenmill.intake.requests import (
     GenerationRequest,
     InvalidRequest,
+    check_fits,
     fingerprint,
     model_input,
     validate,
@@ -73,3 +75,89 @@ def test_a_jobs_prompt_goes_to_the_model_as_a_user_message():
     ]
     completion = check("completions", prompt="1, 2,", max_tokens=8)
     assert model_input(completion, "completions") == ("1, 2,", None)
+
+
+def parse_error(body: dict) -> tuple:
+    """The location of the first thing wrong with `body` as JSON would parse it."""
+    with pytest.raises(ValidationError) as refused:
+        GenerationRequest.model_validate(body)
+    return refused.value.errors()[0]["loc"]
+
+
+@pytest.mark.parametrize(
+    ("body", "loc"),
+    [
+        ({"prompt": "a\x00b"}, ("prompt",)),
+        ({"prompt": "\ud800"}, ("prompt",)),
+        ({"model": "m\udfff"}, ("model",)),
+        ({"stop": "\x00"}, ("stop", 0)),
+        ({"stop": ["ok", "\ud83d"]}, ("stop", 1)),
+        ({"messages": [{"role": "user", "content": "x\x00"}]}, ("messages", 0, "content")),
+        ({"max_tokens": True}, ("max_tokens",)),
+        ({"max_tokens": "4"}, ("max_tokens",)),
+        ({"max_completion_tokens": 4.0}, ("max_completion_tokens",)),
+        ({"temperature": "1"}, ("temperature",)),
+        ({"stream": 0}, ("stream",)),
+        ({"n": True}, ("n",)),
+        ({"seed": 2**63}, ("seed",)),
+        ({"seed": -(2**63) - 1}, ("seed",)),
+    ],
+)
+def test_unwritable_text_and_loose_types_are_refused_when_parsed(body, loc):
+    assert parse_error(body) == loc
+
+
+def test_an_integer_temperature_and_the_seed_bounds_are_fine():
+    parsed = GenerationRequest.model_validate({"temperature": 1, "seed": 2**63 - 1})
+    assert parsed.temperature == 1.0 and parsed.seed == 2**63 - 1
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"stop": [""]}, "stop"),
+        ({"stop": "s" * 257}, "stop"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"max_tokens": 8, "max_completion_tokens": 9}, "max_completion_tokens"),
+        ({"max_completion_tokens": 65}, "max_completion_tokens"),
+    ],
+)
+def test_stop_and_token_limits(body, param):
+    with pytest.raises(InvalidRequest) as refused:
+        check("completions", prompt="hi", **body)
+    assert refused.value.param == param
+
+
+def test_message_count_is_bounded():
+    many = [{"role": "user", "content": "hi"}] * (SETTINGS.request_messages_max + 1)
+    with pytest.raises(InvalidRequest) as refused:
+        check("chat", messages=many)
+    assert refused.value.param == "messages"
+
+
+def test_agreeing_max_tokens_names_are_fine():
+    assert check(prompt="hi", max_tokens=8, max_completion_tokens=8).max_tokens == 8
+
+
+class Counter:
+    """Counts a character as a token and each message's role as one more."""
+
+    context_tokens = 20
+
+    def count(self, prompt, messages):
+        return len(prompt) if messages is None else sum(len(m["content"]) + 1 for m in messages)
+
+
+@pytest.mark.parametrize(("prompt", "fits"), [("x" * 12, True), ("x" * 13, False)])
+def test_prompt_and_max_tokens_must_fit_the_context(prompt, fits):
+    request = check("completions", prompt=prompt, max_tokens=8)
+    if fits:
+        check_fits(request, "completions", Counter())
+    else:
+        with pytest.raises(InvalidRequest, match="context of 20 tokens"):
+            check_fits(request, "completions", Counter())
+
+
+def test_a_jobs_prompt_is_counted_in_its_chat_template():
+    with pytest.raises(InvalidRequest):
+        check_fits(check(prompt="x" * 12, max_tokens=8), "jobs", Counter())

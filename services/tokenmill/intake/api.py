@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tokenmill import service
-from tokenmill.intake import jobs, views
+from tokenmill import service, tokenizer
+from tokenmill.intake import jobs, openapi, views
 from tokenmill.intake.keys import Customer, KeyCache
-from tokenmill.intake.requests import Api, GenerationRequest, InvalidRequest, validate
+from tokenmill.intake.limits import BodySizeLimit
+from tokenmill.intake.requests import (
+    Api,
+    GenerationRequest,
+    InvalidRequest,
+    check_fits,
+    validate,
+)
 from tokenmill.settings import Settings
 
 OPENAI_PREFIXES = ("/v1/chat/", "/v1/completions", "/v1/models")
 IDEMPOTENCY_KEY_CHARS_MAX = 255
+# Job ids are "job_" and a ULID; anything else cannot name a job, and a NUL could not even be
+# looked up (Postgres text holds none).
+JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 
 class ApiError(Exception):
@@ -78,12 +90,12 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
 
 
 async def customer(
-    request: Request, authorization: Annotated[str | None, Header()] = None
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(openapi.BEARER)],
 ) -> Customer:
-    scheme, _, key = (authorization or "").partition(" ")
     found = None
-    if scheme.lower() == "bearer" and key:
-        found = await request.app.state.keys.customer(key.strip())
+    if bearer is not None:
+        found = await request.app.state.keys.customer(bearer.credentials)
     if found is None:
         raise ApiError(
             401,
@@ -94,8 +106,28 @@ async def customer(
     return found
 
 
+async def json_body(request: Request) -> None:
+    """Refuse a body that does not say it is JSON, before anything reads it as such."""
+    content_type = request.headers.get("content-type", "")
+    media_type = content_type.partition(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"the body must be JSON: send Content-Type: application/json, not {content_type!r}",
+        )
+
+
 CustomerDep = Annotated[Customer, Depends(customer)]
-IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key")]
+IdempotencyKey = Annotated[
+    str | None,
+    # Declared for the document; accept() checks it, to answer in the API's own error shape.
+    Header(
+        alias="Idempotency-Key",
+        json_schema_extra={"minLength": 1, "maxLength": IDEMPOTENCY_KEY_CHARS_MAX},
+    ),
+]
+JsonBody = [Depends(json_body)]
 
 
 def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
@@ -105,10 +137,24 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
             app.state.runtime = runtime
             app.state.keys = KeyCache(runtime.db)
             app.state.waiter = jobs.CompletionWaiter(runtime.db)
+            app.state.tokenizer = await asyncio.to_thread(tokenizer.load, settings)
             async with app.state.waiter.listening():
                 yield
 
     app = FastAPI(title="tokenmill intake", version="0.1.0", lifespan=lifespan)
+    openapi.install(app, settings)
+    app.add_middleware(
+        BodySizeLimit,
+        size_bytes_max=settings.request_body_bytes_max,
+        too_large=lambda scope: error_response(
+            Request(scope),
+            ApiError(
+                413,
+                "body_too_large",
+                f"the request body is over {settings.request_body_bytes_max} bytes",
+            ),
+        ),
+    )
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -121,15 +167,23 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else "http_error"
-        return error_response(request, ApiError(exc.status_code, code, str(exc.detail)))
+        # Starlette's 405 names the allowed methods in its headers (Allow); keep them.
+        error = ApiError(exc.status_code, code, str(exc.detail), headers=exc.headers)
+        return error_response(request, error)
 
     async def accept(
         request: Request, who: Customer, body: GenerationRequest, api: Api, key: str | None
     ):
-        if key is not None and not 0 < len(key) <= IDEMPOTENCY_KEY_CHARS_MAX:
-            raise ApiError(400, "invalid_request", "Idempotency-Key must be 1 to 255 characters")
+        if key is not None and not (
+            0 < len(key) <= IDEMPOTENCY_KEY_CHARS_MAX and key.isprintable()
+        ):
+            raise ApiError(
+                400, "invalid_request", "Idempotency-Key must be 1 to 255 printable characters"
+            )
         try:
             checked = validate(body, api, settings)
+            # Tokenizing a long prompt takes milliseconds: off the event loop.
+            await asyncio.to_thread(check_fits, checked, api, request.app.state.tokenizer)
         except InvalidRequest as exc:
             raise ApiError(400, "invalid_request", str(exc), exc.param) from exc
         runtime = request.app.state.runtime
@@ -150,15 +204,18 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
         if row["status"] == "failed":
             raise ApiError(400, "generation_failed", row["error"] or "the job failed")
         if row["status"] != "completed":
+            # The job runs and is billed whatever the client does next; a client that retried
+            # would start (and pay for) another one. OpenAI's SDKs retry a 5xx unless told not to.
             raise ApiError(
                 504,
                 "timeout",
                 f"job {row['request_id']} is still {row['status']}; it will complete and "
                 f"can be read at /v1/jobs/{row['request_id']}",
+                headers={"x-should-retry": "false"},
             )
         return row
 
-    @app.post("/v1/jobs", status_code=202)
+    @app.post("/v1/jobs", status_code=202, dependencies=JsonBody)
     async def submit_job(
         request: Request, body: GenerationRequest, who: CustomerDep, key: IdempotencyKey = None
     ) -> JSONResponse:
@@ -170,20 +227,24 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
         )
 
     @app.get("/v1/jobs/{job_id}")
-    async def get_job(request: Request, job_id: str, who: CustomerDep) -> dict[str, Any]:
+    async def get_job(
+        request: Request,
+        job_id: Annotated[str, Path(pattern=JOB_ID_PATTERN)],
+        who: CustomerDep,
+    ) -> dict[str, Any]:
         row = await jobs.find(request.app.state.runtime.db, who, job_id)
         if row is None:
             raise ApiError(404, "not_found", f"no job {job_id}")
         return views.job(row)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=JsonBody)
     async def chat_completions(
         request: Request, body: GenerationRequest, who: CustomerDep, key: IdempotencyKey = None
     ) -> dict[str, Any]:
         row, _ = await accept(request, who, body, "chat", key)
         return views.chat_completion(await finished(request, who, row))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=JsonBody)
     async def completions(
         request: Request, body: GenerationRequest, who: CustomerDep, key: IdempotencyKey = None
     ) -> dict[str, Any]:

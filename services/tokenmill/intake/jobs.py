@@ -203,11 +203,10 @@ async def mark_failed(conn: asyncpg.Connection, event: JobFailed) -> None:
 
 async def mark_booked(conn: asyncpg.Connection, event: UsageBooked) -> None:
     await conn.execute(
-        "UPDATE intake.requests SET booked_at = $2, cost = $3, revenue = $4, currency = $5, "
-        "booked_completion_event_id = $6 WHERE request_id = $1 AND booked_at IS NULL",
+        "UPDATE intake.requests SET booked_at = $2, revenue = $3, currency = $4, "
+        "booked_completion_event_id = $5 WHERE request_id = $1 AND booked_at IS NULL",
         event.request_id,
         event.occurred_at,
-        event.cost,
         event.revenue,
         event.currency,
         event.completion_event_id,
@@ -231,7 +230,7 @@ async def usage_by_tier(pool: asyncpg.Pool, customer: Customer) -> list[asyncpg.
         "coalesce(sum(energy_j), 0) AS energy_j, "
         "count(*) FILTER (WHERE booked_at IS NOT NULL) AS booked, "
         # A tier is priced in one currency, so min() names it (NULL until something is booked).
-        "coalesce(sum(cost), 0) AS cost, coalesce(sum(revenue), 0) AS revenue, "
+        "coalesce(sum(revenue), 0) AS revenue, "
         "min(currency) AS currency "
         "FROM intake.requests WHERE customer_id = $1 GROUP BY tier ORDER BY tier",
         customer.customer_id,

@@ -3,15 +3,47 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
+import re
+from typing import Annotated, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+)
+from pydantic_core import PydanticCustomError
 
 from tokenmill.events import ChatMessage, canonical_json
 from tokenmill.settings import Settings
 
 Api = Literal["jobs", "chat", "completions"]
-STOP_SEQUENCES_MAX = 4
+# The seed reaches torch, whose generators take a 64-bit seed; JSON integers have no bound.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+# Postgres text cannot hold NUL, and a lone surrogate (a JSON "\ud800" escape) cannot be
+# encoded as UTF-8 for it or for the event log: either would fail only when written.
+_UNWRITABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _writable(text: str) -> str:
+    if _UNWRITABLE.search(text):
+        raise PydanticCustomError(
+            "unwritable_text", "must not contain NUL characters or unpaired surrogates"
+        )
+    return text
+
+
+def _as_list(value: object) -> object:
+    return [value] if isinstance(value, str) else value
+
+
+# Strict: a JSON number or boolean is never taken for text, nor text for a number.
+Text = Annotated[StrictStr, AfterValidator(_writable)]
 
 
 class InvalidRequest(ValueError):
@@ -20,30 +52,50 @@ class InvalidRequest(ValueError):
         self.param = param
 
 
+class TokenCounter(Protocol):
+    """The model's tokenizer, as far as intake needs it (tokenmill.tokenizer.Tokenizer)."""
+
+    context_tokens: int
+
+    def count(self, prompt: str | None, messages: list[dict[str, str]] | None) -> int: ...
+
+
+class Message(BaseModel):
+    """A chat message as a client sends it: the event's ChatMessage, checked strictly."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: Text
+
+    def for_model(self) -> ChatMessage:
+        return ChatMessage(role=self.role, content=self.content)
+
+
 class GenerationRequest(BaseModel):
     """The body of POST /v1/jobs, /v1/completions and /v1/chat/completions.
 
-    Unknown fields are ignored, as OpenAI clients send optional fields we do not use.
+    Unknown fields are ignored, as OpenAI clients send optional fields we do not use; they are
+    never stored. Known fields are strict: `max_tokens: true` or `"4"` is a client bug to
+    report, not a number to guess.
     """
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = 1
-    stream: bool = False
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_as_list(cls, value: str | list[str] | None) -> list[str] | None:
-        return [value] if isinstance(value, str) else value
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: list[Message] | None = None
+    max_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = None
+    temperature: StrictFloat = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: StrictFloat = Field(default=1.0, gt=0.0, le=1.0)
+    # OpenAI takes one stop string or a list; one is read as a list of one.
+    stop: Annotated[
+        list[Text] | None, BeforeValidator(_as_list, json_schema_input_type=str | list[str] | None)
+    ] = None
+    seed: StrictInt | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    n: StrictInt = 1
+    stream: StrictBool = False
 
 
 def validate(request: GenerationRequest, api: Api, settings: Settings) -> GenerationRequest:
@@ -57,19 +109,62 @@ def validate(request: GenerationRequest, api: Api, settings: Settings) -> Genera
             f"model {request.model!r} is not served here; use {settings.model!r}", "model"
         )
     _check_input(request, api, settings)
-    max_tokens = request.max_completion_tokens or request.max_tokens
+    _check_stop(request.stop or [], settings)
+    max_tokens = _max_tokens(request, api, settings)
+    return request.model_copy(update={"max_tokens": max_tokens, "max_completion_tokens": None})
+
+
+def check_fits(request: GenerationRequest, api: Api, tokenizer: TokenCounter) -> None:
+    """Refuse a validated request whose prompt leaves no room for max_tokens in the model's
+    context, counted as the worker will count it."""
+    prompt, messages = model_input(request, api)
+    prompt_tokens = tokenizer.count(
+        prompt, None if messages is None else [m.model_dump() for m in messages]
+    )
+    assert request.max_tokens is not None, "check_fits takes a validated request"
+    if prompt_tokens + request.max_tokens > tokenizer.context_tokens:
+        raise InvalidRequest(
+            f"the prompt is {prompt_tokens} tokens and max_tokens is {request.max_tokens}; "
+            f"together they must fit the model's context of {tokenizer.context_tokens} tokens",
+            "messages" if request.messages is not None else "prompt",
+        )
+
+
+def _max_tokens(request: GenerationRequest, api: Api, settings: Settings) -> int:
+    """The completion's limit, from max_tokens or max_completion_tokens (newer OpenAI clients
+    send the latter)."""
+    given = {request.max_tokens, request.max_completion_tokens} - {None}
+    if len(given) > 1:
+        raise InvalidRequest(
+            "max_tokens and max_completion_tokens disagree; send one of them",
+            "max_completion_tokens",
+        )
+    max_tokens = given.pop() if given else None
     if max_tokens is None:
         if api == "jobs":
             raise InvalidRequest("max_tokens is required", "max_tokens")
         max_tokens = min(256, settings.max_tokens_limit)
     if not 1 <= max_tokens <= settings.max_tokens_limit:
+        name = "max_tokens" if request.max_completion_tokens is None else "max_completion_tokens"
         raise InvalidRequest(
-            f"max_tokens must be between 1 and {settings.max_tokens_limit}, got {max_tokens}",
-            "max_tokens",
+            f"{name} must be between 1 and {settings.max_tokens_limit}, got {max_tokens}", name
         )
-    if request.stop and len(request.stop) > STOP_SEQUENCES_MAX:
-        raise InvalidRequest(f"at most {STOP_SEQUENCES_MAX} stop sequences", "stop")
-    return request.model_copy(update={"max_tokens": max_tokens, "max_completion_tokens": None})
+    return max_tokens
+
+
+def _check_stop(stop: list[str], settings: Settings) -> None:
+    if len(stop) > settings.request_stop_sequences_max:
+        raise InvalidRequest(
+            f"at most {settings.request_stop_sequences_max} stop sequences", "stop"
+        )
+    if any(not s for s in stop):
+        # An empty stop string would match at once: the model could never say anything.
+        raise InvalidRequest("stop sequences must not be empty", "stop")
+    if any(len(s) > settings.request_stop_chars_max for s in stop):
+        raise InvalidRequest(
+            f"a stop sequence may be at most {settings.request_stop_chars_max} characters",
+            "stop",
+        )
 
 
 def _check_input(request: GenerationRequest, api: Api, settings: Settings) -> None:
@@ -81,6 +176,11 @@ def _check_input(request: GenerationRequest, api: Api, settings: Settings) -> No
         raise InvalidRequest("give exactly one of prompt or messages", "prompt")
     if request.prompt is not None and not request.prompt.strip():
         raise InvalidRequest("prompt must not be empty", "prompt")
+    if request.messages is not None and len(request.messages) > settings.request_messages_max:
+        raise InvalidRequest(
+            f"{len(request.messages)} messages; the limit is {settings.request_messages_max}",
+            "messages",
+        )
     if request.messages is not None and not any(m.content.strip() for m in request.messages):
         raise InvalidRequest("messages must contain some text", "messages")
     chars = len(request.prompt or "") + sum(len(m.content) for m in request.messages or [])
@@ -100,7 +200,7 @@ def model_input(
     model as one user message in its chat template, as chat messages do.
     """
     if request.messages is not None:
-        return None, tuple(request.messages)
+        return None, tuple(m.for_model() for m in request.messages)
     if api == "jobs":
         return None, (ChatMessage(role="user", content=request.prompt or ""),)
     return request.prompt, None

@@ -63,8 +63,9 @@ def job(row: asyncpg.Record) -> dict[str, Any]:
         }
         if done
         else None,
+        # What the customer is charged. What it cost us to make, and so our margin, is the
+        # operator's business: it stays in the ledger's books.
         "billing": {
-            "cost": money(row["cost"]),
             "revenue": money(row["revenue"]),
             "currency": row["currency"],
         }
@@ -121,7 +122,6 @@ def usage(customer_id: str, rows: list[asyncpg.Record]) -> dict[str, Any]:
             "completion_tokens": r["completion_tokens"],
             "total_tokens": r["prompt_tokens"] + r["completion_tokens"],
             "energy_j": money(r["energy_j"]),
-            "cost": money(r["cost"]),
             "revenue": money(r["revenue"]),
             # None while nothing in this row is booked yet.
             "currency": r["currency"],

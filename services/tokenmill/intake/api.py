@@ -8,11 +8,11 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill import service
-from tokenmill.intake import jobs, views
+from tokenmill.intake import jobs, probes, views
 from tokenmill.intake.keys import Customer, KeyCache
 from tokenmill.intake.requests import Api, GenerationRequest, InvalidRequest, validate
 from tokenmill.settings import Settings
@@ -200,8 +200,20 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
         rows = await jobs.usage_by_tier(request.app.state.runtime.db, who)
         return views.usage(who.customer_id, rows)
 
+    # Probes and metrics (see probes.py): unauthenticated, as Kubernetes and Prometheus call
+    # them. Liveness only says the process answers; readiness checks what serving needs.
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> JSONResponse:
+        ready, body = await probes.readiness_of(request.app.state)
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        text = await probes.metrics_of(request.app.state)
+        return Response(text, media_type=probes.METRICS_MEDIA_TYPE)
 
     return app

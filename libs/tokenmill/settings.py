@@ -114,7 +114,8 @@ class Settings:
     key_unknown_ttl_s: float = 0.5
     key_cache_size_max: int = 10_000
 
-    # Probes. `/readyz` gives Postgres and Redis `probe_timeout_s` each to answer, and needs
+    # Probes. `/readyz` gives Postgres and Redis `probe_timeout_s` each to answer (a `/metrics`
+    # scrape gets it too), and needs
     # `ready_workers_min` live workers of its region (0 where workers scale from zero, as with
     # KEDA: an intake out of rotation would never queue the job that wakes one). A worker with
     # its model loaded refreshes its heartbeat every interval; it expires after the TTL.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 
 import asyncpg
 import httpx
@@ -100,6 +101,9 @@ async def test_readiness_names_the_dependency_that_does_not_answer(
         )
         assert not ready
         assert not body["checks"]["postgres"]["ok"] and body["checks"]["redis"]["ok"]
+        scrape = SimpleNamespace(runtime=dataclasses.replace(runtime, redis=dead_redis))
+        status, text = await probes.metrics_of(scrape)
+        assert status == 503 and text.startswith(b"metrics unavailable: ")
     finally:
         await dead_redis.aclose()
         await dead_pool.close()

@@ -213,7 +213,7 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
-        text = await probes.metrics_of(request.app.state)
-        return Response(text, media_type=probes.METRICS_MEDIA_TYPE)
+        status, text = await probes.metrics_of(request.app.state)
+        return Response(text, status_code=status, media_type=probes.METRICS_MEDIA_TYPE)
 
     return app

@@ -58,7 +58,7 @@ class Drain:
     def expire(self) -> None:
         """End every request still in flight now: each answers 504."""
         now_s = asyncio.get_running_loop().time()
-        for limit in self._in_flight:
+        for limit in list(self._in_flight):
             limit.reschedule(now_s)
 
 

@@ -7,7 +7,8 @@
   the process is not draining. 503 otherwise; the body says which check failed. Dead-letter
   counts are in the body too, for people, but never fail it: a dead letter needs an operator,
   not a restart or an intake out of rotation.
-- `/metrics` — Prometheus text, read fresh from Redis and Postgres at each scrape.
+- `/metrics` — Prometheus text, read fresh from Redis and Postgres at each scrape, within
+  `probe_timeout_s` too.
 
 All three are unauthenticated: probes and scrapers carry no API key, and nothing here names a
 customer.
@@ -35,10 +36,18 @@ async def readiness_of(state: Any) -> tuple[bool, dict[str, Any]]:
     return await readiness(state.runtime, draining, state.keys.listener_up)
 
 
-async def metrics_of(state: Any) -> bytes:
-    """`metrics` of the intake app whose `app.state` this is."""
+async def metrics_of(state: Any) -> tuple[int, bytes]:
+    """`metrics` of the intake app whose `app.state` this is, with the HTTP status to send: a
+    scrape that cannot read Redis or Postgres in time fails (503), so Prometheus marks it down
+    rather than recording partial numbers."""
     drain = getattr(state, "drain", None)
-    return await metrics(state.runtime, drain.responses if drain is not None else Counter())
+    responses = drain.responses if drain is not None else Counter()
+    runtime = state.runtime
+    try:
+        text = metrics(runtime, responses)
+        return 200, await asyncio.wait_for(text, runtime.settings.probe_timeout_s)
+    except Exception as exc:  # Whatever kept the numbers from being read is the answer.
+        return 503, f"metrics unavailable: {type(exc).__name__}: {exc}\n".encode()
 
 
 async def readiness(

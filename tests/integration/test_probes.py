@@ -196,6 +196,8 @@ async def test_a_draining_intake_refuses_new_requests_with_retry_after_but_answe
     assert (await http.get("/healthz")).status_code == 200
     readiness = await http.get("/readyz")
     assert readiness.status_code == 503 and not readiness.json()["checks"]["draining"]["ok"]
+    refusals = samples((await http.get("/metrics")).text, "tokenmill_intake_responses_total")
+    assert refusals[(("method", "POST"), ("route", "unrouted"), ("status", "503"))] == 2
 
 
 async def test_a_request_still_waiting_when_the_drain_ends_gets_a_504_not_a_dropped_line(

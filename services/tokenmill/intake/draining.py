@@ -25,8 +25,9 @@ from tokenmill.intake.api import ApiError, error_response
 
 # Answered during a drain as at any other time, and not counted among the responses.
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-# The route label of a request no route matched: one label, whatever path was asked for.
-UNMATCHED_ROUTE = "unmatched"
+# The route label of a request no route answered (none matched, or the drain refused it): one
+# label, whatever path was asked for, so the metric's size stays bounded.
+UNROUTED = "unrouted"
 
 
 class Drain:
@@ -80,6 +81,7 @@ class DrainMiddleware:
                 headers={"Retry-After": str(self._retry_after_s), "Connection": "close"},
             )
             await self._answer(scope, receive, send, refusal)
+            self._count(scope, 503)
             return
         await self._serve(scope, receive, send)
 
@@ -109,9 +111,11 @@ class DrainMiddleware:
             )
             await self._answer(scope, receive, send, cut_short)
         finally:
-            route = scope.get("route")
-            path = getattr(route, "path", UNMATCHED_ROUTE)
-            self._drain.responses[(scope["method"], path, status or 500)] += 1
+            self._count(scope, status or 500)
+
+    def _count(self, scope: Scope, status: int) -> None:
+        route = getattr(scope.get("route"), "path", UNROUTED)
+        self._drain.responses[(scope["method"], route, status)] += 1
 
     async def _answer(self, scope: Scope, receive: Receive, send: Send, error: ApiError) -> None:
         response = error_response(Request(scope), error)

@@ -144,7 +144,8 @@ async def check(probe: Awaitable[object], timeout_s: float) -> Check:
     """Run `probe`; it passes if it answers within `timeout_s` without raising."""
     started_s = time.monotonic()
     try:
-        await asyncio.wait_for(probe, timeout_s)
+        async with asyncio.timeout(timeout_s):
+            await probe
     except TimeoutError:
         return Check(False, _ms_since(started_s), f"no answer within {timeout_s:g} s")
     except Exception as exc:  # Whatever the dependency raised is the reason it is not ready.

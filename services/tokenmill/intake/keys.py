@@ -180,7 +180,10 @@ class KeyCache:
         backoff.answered()
         while True:
             asked_s = time.monotonic()
-            await asyncio.wait_for(conn.fetchval("SELECT 1"), interval_s)
+            # asyncio.timeout, not wait_for, which on Python 3.11 can swallow the cancellation
+            # that stops this loop.
+            async with asyncio.timeout(interval_s):
+                await conn.fetchval("SELECT 1")
             self._confirmed_s = asked_s
             await asyncio.sleep(interval_s)
 

@@ -44,8 +44,8 @@ async def metrics_of(state: Any) -> tuple[int, bytes]:
     responses = drain.responses if drain is not None else Counter()
     runtime = state.runtime
     try:
-        text = metrics(runtime, responses)
-        return 200, await asyncio.wait_for(text, runtime.settings.probe_timeout_s)
+        async with asyncio.timeout(runtime.settings.probe_timeout_s):
+            return 200, await metrics(runtime, responses)
     except Exception as exc:  # Whatever kept the numbers from being read is the answer.
         return 503, f"metrics unavailable: {type(exc).__name__}: {exc}\n".encode()
 
@@ -95,8 +95,10 @@ async def readiness(
 
 async def _stats_or_none(runtime: Runtime, timeout_s: float) -> health.StreamStats | None:
     try:
-        stats = health.stream_stats(runtime.redis, runtime.streams, runtime.settings.region)
-        return await asyncio.wait_for(stats, timeout_s)
+        async with asyncio.timeout(timeout_s):
+            return await health.stream_stats(
+                runtime.redis, runtime.streams, runtime.settings.region
+            )
     except Exception:  # Redis' own check says why; the counts are only missing.
         return None
 

@@ -125,7 +125,10 @@ class OutboxRelay:
         self._wake.set()
 
     async def _wait(self) -> None:
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that
+        # arrives as the wake-up does, and the relay would outlive its service's shutdown.
         try:
-            await asyncio.wait_for(self._wake.wait(), timeout=self._poll_s)
+            async with asyncio.timeout(self._poll_s):
+                await self._wake.wait()
         except TimeoutError:
             pass

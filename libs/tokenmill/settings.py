@@ -117,6 +117,30 @@ class Settings:
     # that imports transformers (about a minute on two busy cores); past this it gives up.
     tokenizer_export_timeout_s: float = 600.0
 
+    # API keys. A revoked key is refused within `key_revocation_s_max` on every intake process:
+    # each listens for key changes and confirms its listener twice per that time, and trusts a
+    # cached key no longer than that while the listener is down. A key not found is remembered
+    # as unknown for `key_unknown_ttl_s` (a new key works within it, at once while listening),
+    # so a flood of bad keys does not cost a lookup each; each cache holds at most
+    # `key_cache_size_max` keys.
+    key_revocation_s_max: float = 1.0
+    key_unknown_ttl_s: float = 0.5
+    key_cache_size_max: int = 10_000
+
+    # Probes. `/readyz` gives Postgres and Redis `probe_timeout_s` each to answer (a `/metrics`
+    # scrape gets it too), and needs
+    # `ready_workers_min` live workers of its region (0 where workers scale from zero, as with
+    # KEDA: an intake out of rotation would never queue the job that wakes one). A worker with
+    # its model loaded refreshes its heartbeat every interval; it expires after the TTL.
+    probe_timeout_s: float = 0.5
+    ready_workers_min: int = 1
+    worker_heartbeat_interval_s: float = 5.0
+    worker_heartbeat_ttl_s: float = 15.0
+    # On SIGTERM the intake drains: new requests get 503 with Retry-After (seconds), requests in
+    # flight get up to `drain_timeout_s` to be answered (past it, a 504), then it exits.
+    drain_timeout_s: float = 30.0
+    drain_retry_after_s: int = 2
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
         env = os.environ if environ is None else environ

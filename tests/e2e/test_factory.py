@@ -152,6 +152,20 @@ async def test_usage_shows_tokens_cost_and_revenue_by_tier(factory: Factory, api
     assert premium["completion_tokens"] > 0 and Decimal(premium["revenue"]) > 0
 
 
+async def test_the_intake_is_ready_once_the_worker_has_its_model(factory: Factory):
+    async with httpx.AsyncClient(base_url=factory.base_url, timeout=5) as http:
+
+        async def ready() -> bool:
+            return (await http.get("/readyz")).status_code == 200
+
+        await eventually(ready, timeout_s=JOB_S_MAX)
+        body = (await http.get("/readyz")).json()
+        metrics = (await http.get("/metrics")).text
+    (worker,) = body["checks"]["workers"]["alive"]
+    assert worker["model"] and worker["device"] == "cpu"
+    assert 'tokenmill_workers_alive{device="cpu"' in metrics
+
+
 async def test_killed_worker_job_completes_once_and_is_billed_once(
     factory: Factory, api_key: str, pool: asyncpg.Pool
 ):

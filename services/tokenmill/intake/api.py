@@ -9,12 +9,12 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Path, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill import service, tokenizer
-from tokenmill.intake import jobs, openapi, views
+from tokenmill.intake import jobs, openapi, probes, views
 from tokenmill.intake.keys import Customer, KeyCache
 from tokenmill.intake.limits import BodySizeLimit
 from tokenmill.intake.requests import (
@@ -135,10 +135,10 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with service.running("intake", settings, wire) as runtime:
             app.state.runtime = runtime
-            app.state.keys = KeyCache(runtime.db)
+            app.state.keys = KeyCache(runtime.db, settings)
             app.state.waiter = jobs.CompletionWaiter(runtime.db)
             app.state.tokenizer = await asyncio.to_thread(tokenizer.load, settings)
-            async with app.state.waiter.listening():
+            async with app.state.waiter.listening(), app.state.keys.listening():
                 yield
 
     app = FastAPI(title="tokenmill intake", version="0.1.0", lifespan=lifespan)
@@ -261,8 +261,20 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
         rows = await jobs.usage_by_tier(request.app.state.runtime.db, who)
         return views.usage(who.customer_id, rows)
 
+    # Probes and metrics (see probes.py): unauthenticated, as Kubernetes and Prometheus call
+    # them. Liveness only says the process answers; readiness checks what serving needs.
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> JSONResponse:
+        ready, body = await probes.readiness_of(request.app.state)
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        status, text = await probes.metrics_of(request.app.state)
+        return Response(text, status_code=status, media_type=probes.METRICS_MEDIA_TYPE)
 
     return app

@@ -9,7 +9,7 @@ import threading
 
 from redis.exceptions import RedisError
 
-from tokenmill import service
+from tokenmill import health, service
 from tokenmill.events import Event, JobStarted, JobSubmitted, parse_event, utc_now
 from tokenmill.meters import create_meter
 from tokenmill.streams import Delivery, consume, publish_event
@@ -139,4 +139,6 @@ async def wire(rt: service.Runtime):
         max_records=1,
         on_give_up=on_give_up,
     )
-    return [note_stopping()]
+    # Intake's /readyz counts the workers whose heartbeat is live: this one, while its model is
+    # loaded and until it begins to stop.
+    return [note_stopping(), health.heartbeat(rt.redis, settings, runner.name, runner.device)]

@@ -85,6 +85,9 @@ class Settings:
     outage_backoff_s_min: float = 0.2
     outage_backoff_s_max: float = 10.0
     outage_log_interval_s: float = 60.0
+    # An HTTP request the intake cannot serve because its storage is unreachable is answered
+    # 503 with this Retry-After (seconds), as long as the outage lasts.
+    outage_retry_after_s: int = 2
 
     # Supervision by `tokenmill up`. A service or embedded server that keeps exiting is not
     # restarted for ever: past this many restarts of one of them in a minute `up` stops

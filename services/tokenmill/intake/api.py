@@ -17,6 +17,7 @@ from tokenmill import service, tokenizer
 from tokenmill.intake import jobs, openapi, probes, views
 from tokenmill.intake.keys import Customer, KeyCache
 from tokenmill.intake.limits import BodySizeLimit
+from tokenmill.intake.outages import StorageOutage
 from tokenmill.intake.requests import (
     Api,
     GenerationRequest,
@@ -154,6 +155,21 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
                 f"the request body is over {settings.request_body_bytes_max} bytes",
             ),
         ),
+    )
+
+    app.add_middleware(
+        StorageOutage,
+        unavailable=lambda scope: error_response(
+            Request(scope),
+            ApiError(
+                503,
+                "storage_unavailable",
+                "the platform cannot reach its storage right now; send the request again "
+                "shortly, with the same Idempotency-Key so that it cannot make a second job",
+                headers={"Retry-After": str(settings.outage_retry_after_s)},
+            ),
+        ),
+        log_interval_s=settings.outage_log_interval_s,
     )
 
     @app.exception_handler(ApiError)

@@ -211,11 +211,15 @@ _WHY: dict[int, str] = {
     409: "This Idempotency-Key was used before with a different body; nothing was queued.",
     413: "The request body is over the size limit; nothing was written or queued.",
     415: "The body is not `application/json`; nothing was written or queued.",
-    504: "The job did not finish in time. It still runs and is billed once; read it at "
-    "`/v1/jobs/{id}` instead of retrying.",
+    503: "The intake is shutting down, or cannot reach its storage right now. Send the request "
+    "again after Retry-After seconds, with the same Idempotency-Key.",
+    504: "No answer in time: the job did not finish within the wait, or the intake stopped "
+    "first. An accepted job still runs and is billed once; read it at `/v1/jobs/{id}` "
+    "instead of retrying.",
 }
 _HEADERS: dict[int, dict[str, str]] = {
     401: {"WWW-Authenticate": "`Bearer`: the scheme to authenticate with."},
+    503: {"Retry-After": "Seconds to wait before sending the request again."},
     504: {"x-should-retry": "`false`: OpenAI's clients then do not retry (and pay) again."},
 }
 
@@ -241,7 +245,10 @@ class Operation:
 
 
 _LOCATION = {"Location": "Where the job can be read: `/v1/jobs/{id}`."}
-_BODY_ERRORS = (400, 401, 409, 413, 415)
+# Any /v1 request can meet a draining intake (503, or 504 past the drain's time) or an
+# outage of the storage (503).
+_UNAVAILABLE = (503, 504)
+_BODY_ERRORS = (400, 401, 409, 413, 415, *_UNAVAILABLE)
 OPERATIONS: dict[tuple[str, str], Operation] = {
     ("post", "/v1/jobs"): Operation(
         {
@@ -255,22 +262,24 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "jobs",
     ),
     ("get", "/v1/jobs/{job_id}"): Operation(
-        {200: Answer("The job.", JobView)}, "problem", (400, 401, 404)
+        {200: Answer("The job.", JobView)}, "problem", (400, 401, 404, *_UNAVAILABLE)
     ),
     ("post", "/v1/chat/completions"): Operation(
-        {200: Answer("The completion.", ChatCompletion)}, "openai", (*_BODY_ERRORS, 504), "chat"
+        {200: Answer("The completion.", ChatCompletion)}, "openai", _BODY_ERRORS, "chat"
     ),
     ("post", "/v1/completions"): Operation(
         {200: Answer("The completion.", TextCompletion)},
         "openai",
-        (*_BODY_ERRORS, 504),
+        _BODY_ERRORS,
         "completions",
     ),
     ("get", "/v1/models"): Operation(
-        {200: Answer("The models served.", ModelList)}, "openai", (401,)
+        {200: Answer("The models served.", ModelList)}, "openai", (401, *_UNAVAILABLE)
     ),
     ("get", "/v1/usage"): Operation(
-        {200: Answer("Usage by tier for this key's customer.", UsageReport)}, "problem", (401,)
+        {200: Answer("Usage by tier for this key's customer.", UsageReport)},
+        "problem",
+        (401, *_UNAVAILABLE),
     ),
     # The probes take no key. /readyz and /metrics come with the probes (tokenmill.intake
     # .probes); a route that is not there is not described.

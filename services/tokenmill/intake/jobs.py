@@ -272,8 +272,12 @@ class CompletionWaiter:
                 if row["status"] in ("completed", "failed") or remaining_s <= 0:
                     return row
                 wake.clear()
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation
+                # that arrives as the wake-up does, and a draining intake could not cut the wait
+                # short.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), min(self.POLL_S, remaining_s))
+                    async with asyncio.timeout(min(self.POLL_S, remaining_s)):
+                        await wake.wait()
         finally:
             self._waiters[request_id].discard(wake)
             if not self._waiters[request_id]:

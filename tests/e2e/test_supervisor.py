@@ -20,7 +20,13 @@ import redis
 from redis.exceptions import RedisError
 
 from tests.e2e.factory import free_port
-from tests.e2e.test_up import BANNER_S_MAX, JOB_S_MAX, start_up, up_env, wait_for_key
+from tests.e2e.test_up import (
+    BANNER_S_MAX,
+    start_up,
+    submit_until_booked,
+    up_env,
+    wait_for_key,
+)
 
 GONE_S_MAX = 5.0
 RESTART_S_MAX = 30.0
@@ -169,16 +175,7 @@ def test_a_killed_redis_comes_back_on_its_port_and_jobs_complete_after(up):
     killed_s = time.monotonic()
     wait_until(lambda: _answers(url), RESTART_S_MAX, "redis did not come back on its port")
     print(f"redis killed → answering on its port again in {time.monotonic() - killed_s:.1f}s")
-    headers = {"Authorization": f"Bearer {up.key}"}
-    job = httpx.post(
-        f"{up.base_url}/v1/jobs", json={"prompt": "Say hi.", "max_tokens": 8}, headers=headers
-    ).json()
-    deadline_s = time.monotonic() + JOB_S_MAX
-    while job["booked_at"] is None:
-        assert time.monotonic() < deadline_s, job
-        time.sleep(0.2)
-        job = httpx.get(f"{up.base_url}/v1/jobs/{job['id']}", headers=headers).json()
-    assert job["status"] == "completed"
+    assert submit_until_booked(up.base_url, up.key)["status"] == "completed"
     print(f"redis killed → job booked in {time.monotonic() - killed_s:.1f}s")
 
 

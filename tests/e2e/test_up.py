@@ -54,6 +54,20 @@ def start_up(data_dir: Path, port: int, log_path: Path, **popen: object) -> subp
         )
 
 
+def submit_until_booked(base_url: str, key: str) -> dict:
+    """Submit a small job and return its view once it is booked (failing past JOB_S_MAX)."""
+    headers = {"Authorization": f"Bearer {key}"}
+    job = httpx.post(
+        f"{base_url}/v1/jobs", json={"prompt": "Say hi.", "max_tokens": 8}, headers=headers
+    ).json()
+    deadline_s = time.monotonic() + JOB_S_MAX
+    while job["booked_at"] is None:
+        assert time.monotonic() < deadline_s, job
+        time.sleep(0.2)
+        job = httpx.get(f"{base_url}/v1/jobs/{job['id']}", headers=headers).json()
+    return job
+
+
 def test_up_runs_the_factory_on_embedded_servers_and_stops_cleanly(tmp_path):
     port = free_port()
     log_path = tmp_path / "up.log"
@@ -62,16 +76,7 @@ def test_up_runs_the_factory_on_embedded_servers_and_stops_cleanly(tmp_path):
         key = wait_for_key(up, log_path)
         services = psutil.Process(up.pid).children()
         assert len(services) >= 6  # Five services and the embedded Redis.
-        base = f"http://127.0.0.1:{port}"
-        headers = {"Authorization": f"Bearer {key}"}
-        job = httpx.post(
-            f"{base}/v1/jobs", json={"prompt": "Say hi.", "max_tokens": 8}, headers=headers
-        ).json()
-        deadline = time.monotonic() + JOB_S_MAX
-        while job["booked_at"] is None:
-            assert time.monotonic() < deadline, job
-            time.sleep(0.2)
-            job = httpx.get(f"{base}/v1/jobs/{job['id']}", headers=headers).json()
+        job = submit_until_booked(f"http://127.0.0.1:{port}", key)
         assert job["status"] == "completed" and job["billing"]["currency"] == "USD"
     finally:
         up.send_signal(signal.SIGTERM)

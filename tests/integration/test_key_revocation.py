@@ -107,13 +107,8 @@ async def test_without_its_listener_the_cache_still_forgets_within_a_second(
         await eventually(lambda: _true(listening.listener_up))
 
 
-async def test_unknown_keys_are_remembered_briefly_and_a_new_key_works_within_a_second(
-    pool: asyncpg.Pool, settings: Settings
-):
-    customer_id, _ = await new_key(pool)
-    key = KEY_PREFIX + secrets.token_urlsafe(KEY_RANDOM_BYTES)
-    cache = KeyCache(pool, settings)  # No listener: only the TTL can end what it remembers.
-    assert await cache.customer(key) is None
+async def insert_key(pool: asyncpg.Pool, key: str, customer_id: str) -> None:
+    """Store `key` for the customer as `issue_key` would, but with a key the test chose."""
     await pool.execute(
         "INSERT INTO intake.api_keys (key_id, key_sha256, key_prefix, customer_id) "
         "VALUES ($1, $2, $3, $4)",
@@ -122,6 +117,16 @@ async def test_unknown_keys_are_remembered_briefly_and_a_new_key_works_within_a_
         key[:10],
         customer_id,
     )
+
+
+async def test_unknown_keys_are_remembered_briefly_and_a_new_key_works_within_a_second(
+    pool: asyncpg.Pool, settings: Settings
+):
+    customer_id, _ = await new_key(pool)
+    key = KEY_PREFIX + secrets.token_urlsafe(KEY_RANDOM_BYTES)
+    cache = KeyCache(pool, settings)  # No listener: only the TTL can end what it remembers.
+    assert await cache.customer(key) is None
+    await insert_key(pool, key, customer_id)
     assert await cache.customer(key) is None, "the miss was looked up again, not remembered"
     created_s = time.monotonic()
 
@@ -139,15 +144,7 @@ async def test_a_new_key_works_at_once_where_the_cache_listens(
         customer_id, _ = await new_key(pool)
         key = KEY_PREFIX + secrets.token_urlsafe(KEY_RANDOM_BYTES)
         assert await cache.customer(key) is None
-        async with pool.acquire() as conn:
-            await conn.execute(
-                "INSERT INTO intake.api_keys (key_id, key_sha256, key_prefix, customer_id) "
-                "VALUES ($1, $2, $3, $4)",
-                f"key_{new_id()}",
-                digest(key),
-                key[:10],
-                customer_id,
-            )
+        await insert_key(pool, key, customer_id)
 
         async def accepted() -> bool:
             return await cache.customer(key) is not None

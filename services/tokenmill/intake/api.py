@@ -23,12 +23,16 @@ from tokenmill.intake.requests import (
     GenerationRequest,
     InvalidRequest,
     check_fits,
+    prompt_chars,
     validate,
 )
 from tokenmill.settings import Settings
 
 OPENAI_PREFIXES = ("/v1/chat/", "/v1/completions", "/v1/models")
 IDEMPOTENCY_KEY_CHARS_MAX = 255
+# Prompts up to this many characters are counted in tokens on the event loop (under about
+# 0.4 ms with a chat template); longer ones in a thread.
+INLINE_COUNT_CHARS_MAX = 256
 # Job ids are "job_" and a ULID; anything else cannot name a job, and a NUL could not even be
 # looked up (Postgres text holds none).
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
@@ -198,8 +202,12 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
             )
         try:
             checked = validate(body, api, settings)
-            # Tokenizing a long prompt takes milliseconds: off the event loop.
-            await asyncio.to_thread(check_fits, checked, api, request.app.state.tokenizer)
+            # Tokenizing a long prompt takes milliseconds (about 1 µs a character): off the
+            # event loop. A short one costs less than the hop to a thread and back.
+            if prompt_chars(checked) <= INLINE_COUNT_CHARS_MAX:
+                check_fits(checked, api, request.app.state.tokenizer)
+            else:
+                await asyncio.to_thread(check_fits, checked, api, request.app.state.tokenizer)
         except InvalidRequest as exc:
             raise ApiError(400, "invalid_request", str(exc), exc.param) from exc
         runtime = request.app.state.runtime

@@ -114,6 +114,11 @@ def validate(request: GenerationRequest, api: Api, settings: Settings) -> Genera
     return request.model_copy(update={"max_tokens": max_tokens, "max_completion_tokens": None})
 
 
+def prompt_chars(request: GenerationRequest) -> int:
+    """How many characters of text the request gives the model."""
+    return len(request.prompt or "") + sum(len(m.content) for m in request.messages or [])
+
+
 def check_fits(request: GenerationRequest, api: Api, tokenizer: TokenCounter) -> None:
     """Refuse a validated request whose prompt leaves no room for max_tokens in the model's
     context, counted as the worker will count it."""
@@ -183,7 +188,7 @@ def _check_input(request: GenerationRequest, api: Api, settings: Settings) -> No
         )
     if request.messages is not None and not any(m.content.strip() for m in request.messages):
         raise InvalidRequest("messages must contain some text", "messages")
-    chars = len(request.prompt or "") + sum(len(m.content) for m in request.messages or [])
+    chars = prompt_chars(request)
     if chars > settings.max_prompt_chars:
         raise InvalidRequest(
             f"the prompt is {chars} characters; the limit is {settings.max_prompt_chars}",

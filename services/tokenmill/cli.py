@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 from tokenmill import datadir, deadletters, service
 from tokenmill.db import migrate
 from tokenmill.embedded import EmbeddedInfra, die_with_parent
+from tokenmill.intake import admin
 from tokenmill.settings import ENV_PREFIX, Settings
 from tokenmill.signing import SigningKeyError, SigningKeys, with_local_key
 from tokenmill.streams import Streams, create_groups
@@ -295,6 +296,18 @@ def cmd_migrate(settings: Settings, _: argparse.Namespace) -> None:
         print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
 
 
+def cmd_keys(settings: Settings, args: argparse.Namespace) -> None:
+    if args.keys_command == "create":
+        cmd_keys_create(settings, args)
+        return
+    with infrastructure(settings) as resolved:
+        asyncio.run(bootstrap(resolved))
+        try:
+            print(asyncio.run(admin.command(resolved, args)))
+        except LookupError as exc:
+            raise SystemExit(f"tokenmill keys {args.keys_command}: {exc}") from exc
+
+
 def cmd_keys_create(settings: Settings, args: argparse.Namespace) -> None:
     with infrastructure(settings) as resolved:
         asyncio.run(bootstrap(resolved))
@@ -330,6 +343,7 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--name", required=True)
     create.add_argument("--tier", choices=("free", "standard", "premium"), default="standard")
     create.add_argument("--region", default=None)
+    admin.add_commands(keys)
     deadletters.add_commands(commands)
     return root
 
@@ -341,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
         "up": cmd_up,
         "serve": cmd_serve,
         "migrate": cmd_migrate,
-        "keys": cmd_keys_create,
+        "keys": cmd_keys,
         "dlq": cmd_dlq,
     }
     try:

@@ -10,7 +10,8 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime
 
 import asyncpg
 
@@ -68,6 +69,83 @@ async def issue_key(conn: asyncpg.Connection, customer_id: str) -> str:
         customer_id,
     )
     return api_key
+
+
+# `keys list` shows at most this many keys; narrow it with a prefix or a customer.
+KEYS_LISTED_MAX = 1000
+_KEY_COLUMNS = (
+    "k.key_id, k.key_prefix, k.customer_id, c.name AS customer_name, k.created_at, k.revoked_at "
+    "FROM intake.api_keys k JOIN intake.customers c USING (customer_id)"
+)
+# A key named by its id, by the whole key, or by the start of it (at least the stored prefix's
+# length matches the stored prefix; less matches every key whose prefix starts so).
+_KEY_NAMED = (
+    "(k.key_id = $1 OR k.key_sha256 = $2 "
+    "OR starts_with(k.key_prefix, $1) OR starts_with($1, k.key_prefix))"
+)
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """What an operator may know of a key: never the key itself, which only its holder has."""
+
+    key_id: str
+    key_prefix: str
+    customer_id: str
+    customer_name: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+async def list_keys(
+    conn: asyncpg.Connection, prefix: str = "", customer_id: str | None = None
+) -> list[KeyRecord]:
+    """Keys whose prefix starts with `prefix`, of one customer or all, oldest first."""
+    _check_text(prefix, "prefix")
+    rows = await conn.fetch(
+        f"SELECT {_KEY_COLUMNS} WHERE starts_with(k.key_prefix, $1) "
+        "AND ($2::text IS NULL OR k.customer_id = $2) ORDER BY k.created_at, k.key_id LIMIT $3",
+        prefix,
+        customer_id,
+        KEYS_LISTED_MAX,
+    )
+    return [KeyRecord(**dict(row)) for row in rows]
+
+
+async def revoke_key(conn: asyncpg.Connection, named: str) -> tuple[KeyRecord, bool]:
+    """Revoke the one key `named` (its id, the whole key, or a prefix only it has); return it
+    and whether it was revoked just now (False: it already was). Every intake refuses it within
+    `key_revocation_s_max` (migration 0004's trigger tells them)."""
+    _check_text(named, "key")
+    if not named.strip():
+        raise LookupError("name the key to revoke: its id (key_...), its prefix, or the key")
+    async with conn.transaction():
+        rows = await conn.fetch(
+            f"SELECT {_KEY_COLUMNS} WHERE {_KEY_NAMED} ORDER BY k.key_id FOR UPDATE OF k",
+            named,
+            digest(named),
+        )
+        if not rows:
+            raise LookupError(
+                f"no key matches {named!r}; name it by its id (key_...), prefix (tm_...) or key"
+            )
+        if len(rows) > 1:
+            found = ", ".join(f"{r['key_id']} ({r['key_prefix']})" for r in rows[:10])
+            raise LookupError(f"{len(rows)} keys match {named!r}: {found}; give the key id")
+        key = KeyRecord(**dict(rows[0]))
+        if key.revoked_at is not None:
+            return key, False
+        revoked_at = await conn.fetchval(
+            "UPDATE intake.api_keys SET revoked_at = now() WHERE key_id = $1 RETURNING revoked_at",
+            key.key_id,
+        )
+    return replace(key, revoked_at=revoked_at), True
+
+
+def _check_text(value: str, what: str) -> None:
+    # Postgres text cannot hold NUL; say so instead of failing inside the driver.
+    if "\x00" in value:
+        raise LookupError(f"the {what} must not contain a NUL character")
 
 
 async def _lookup(pool: asyncpg.Pool, key_sha256: bytes) -> Customer | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
 from tokenmill import service, tokenizer
 from tokenmill.intake import jobs, openapi, probes, views
@@ -83,6 +84,11 @@ def error_response(request: Request, error: ApiError) -> JSONResponse:
     )
 
 
+def answering(error: ApiError) -> Callable[[Scope], Response]:
+    """How a middleware answers `error` before any route runs, in the route's error shape."""
+    return lambda scope: error_response(Request(scope), error)
+
+
 def _validation_error(exc: RequestValidationError) -> ApiError:
     first = exc.errors()[0] if exc.errors() else {}
     if first.get("type") == "json_invalid":
@@ -148,31 +154,24 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
 
     app = FastAPI(title="tokenmill intake", version="0.1.0", lifespan=lifespan)
     openapi.install(app, settings)
+    too_large = ApiError(
+        413, "body_too_large", f"the request body is over {settings.request_body_bytes_max} bytes"
+    )
     app.add_middleware(
         BodySizeLimit,
         size_bytes_max=settings.request_body_bytes_max,
-        too_large=lambda scope: error_response(
-            Request(scope),
-            ApiError(
-                413,
-                "body_too_large",
-                f"the request body is over {settings.request_body_bytes_max} bytes",
-            ),
-        ),
+        too_large=answering(too_large),
     )
-
+    storage_down = ApiError(
+        503,
+        "storage_unavailable",
+        "the platform cannot reach its storage right now; send the request again "
+        "shortly, with the same Idempotency-Key so that it cannot make a second job",
+        headers={"Retry-After": str(settings.outage_retry_after_s)},
+    )
     app.add_middleware(
         StorageOutage,
-        unavailable=lambda scope: error_response(
-            Request(scope),
-            ApiError(
-                503,
-                "storage_unavailable",
-                "the platform cannot reach its storage right now; send the request again "
-                "shortly, with the same Idempotency-Key so that it cannot make a second job",
-                headers={"Retry-After": str(settings.outage_retry_after_s)},
-            ),
-        ),
+        unavailable=answering(storage_down),
         log_interval_s=settings.outage_log_interval_s,
     )
 

@@ -236,6 +236,9 @@ class EmbeddedInfra:
 def _init_postgres(bin_dir: Path, pgdata: Path, user: str | None) -> None:
     if user is not None:
         _ensure_user(user)
+        # Postgres' own binaries live in our virtual environment, which may sit in a private
+        # directory (a `mktemp -d` checkout is 0700): that user must reach them too.
+        _traversable_from(bin_dir)
         _let_traverse(pgdata.parent, user)
     if (pgdata / "PG_VERSION").exists():
         return
@@ -263,10 +266,16 @@ def _let_traverse(data_dir: Path, user: str) -> None:
     each directory above it traverse rights for others where it lacks them (no listing)."""
     shutil.chown(data_dir, group=user)
     data_dir.chmod(0o710)
-    for parent in data_dir.resolve().parents:
-        mode = parent.stat().st_mode
+    _traversable_from(data_dir.resolve().parent)
+
+
+def _traversable_from(directory: Path) -> None:
+    """Give others traverse-only rights (no listing) on `directory` and each one above it,
+    where they lack them."""
+    for path in (directory.resolve(), *directory.resolve().parents):
+        mode = path.stat().st_mode
         if not mode & 0o001:
-            parent.chmod(mode | 0o001)
+            path.chmod(mode | 0o001)
 
 
 def _ensure_user(user: str) -> None:

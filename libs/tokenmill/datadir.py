@@ -16,9 +16,10 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -132,6 +133,21 @@ def servers(data_dir: Path, wait_s: float) -> Iterator[RunInfo | None]:
         yield None
     finally:
         lock.release()
+
+
+def random_secret() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def secret(path: Path, make: Callable[[], str] = random_secret) -> str:
+    """The secret kept in `path`, made by `make` and written owner-only the first time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        # O_EXCL: two processes starting at once never overwrite each other's secret.
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(make() + "\n")
+    return path.read_text().strip()
 
 
 def write_run(data_dir: Path, run: RunInfo) -> None:

@@ -12,14 +12,12 @@ user reaches it.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
 import importlib.util
 import logging
 import os
 import pwd
-import secrets
 import shutil
 import signal
 import socket
@@ -34,6 +32,8 @@ from pathlib import Path
 import psutil
 from redis import Redis
 from redis.exceptions import RedisError
+
+from tokenmill import datadir
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class EmbeddedInfra:
         redis_dir = self.data_dir / "redis"
         redis_dir.mkdir(mode=0o700, exist_ok=True)
         _tighten(redis_dir)
-        password = _redis_password(self.data_dir / REDIS_PASSWORD_FILE)
+        password = datadir.secret(self.data_dir / REDIS_PASSWORD_FILE)
         config = redis_dir / "redis.conf"
         config.unlink(missing_ok=True)
         # The password goes in a config file, not on the command line, where `ps` shows it.
@@ -315,14 +315,6 @@ def _redis_ready(url: str) -> bool:
         return False
     finally:
         client.close()
-
-
-def _redis_password(path: Path) -> str:
-    with contextlib.suppress(FileExistsError):
-        # O_EXCL: two processes starting at once never overwrite each other's password.
-        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
-    return path.read_text().strip()
 
 
 def _tighten(directory: Path) -> None:

@@ -110,6 +110,9 @@ class JobCompleted(Event):
     finish_reason: Literal["stop", "length"]
     prompt_tokens: int
     completion_tokens: int
+    # Of prompt_tokens, how many came from the engine's prefix cache (OpenAI's
+    # usage.prompt_tokens_details.cached_tokens); billed at the cached-input price.
+    cached_prompt_tokens: int = 0
     queue_ms: float
     ttft_ms: float
     generation_ms: float
@@ -154,6 +157,17 @@ class PowerSample(Event):
     power_w: Decimal
 
 
+class PrepaidCreditAdded(Event):
+    """An operator topped up a customer's prepaid credit. Not tied to a request: `request_id`
+    is empty. Intake raises the customer's admission balance in the same transaction that
+    queues this event; the ledger posts it to the journal."""
+
+    type: Literal["credit.prepaid_added"] = "credit.prepaid_added"
+    amount: Decimal = Field(gt=0)
+    currency: str
+    reference: str = ""
+
+
 class UsageBooked(Event):
     """The ledger booked a request: its cost and revenue are final for this price version."""
 
@@ -178,6 +192,7 @@ AnyEvent = Annotated[
     | JobFailed
     | QualityVerdict
     | PowerSample
+    | PrepaidCreditAdded
     | UsageBooked,
     Field(discriminator="type"),
 ]

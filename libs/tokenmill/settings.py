@@ -144,6 +144,11 @@ class Settings:
     drain_timeout_s: float = 30.0
     drain_retry_after_s: int = 2
 
+    # The operator's credential for the admin API (/admin/v1: customers, keys, prices, budgets,
+    # credits, invoices, reports), never a customer key. `up` creates one in the data dir
+    # (admin.token) when none is configured; an intake without one answers 403 on admin routes.
+    admin_token: str = ""
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
         env = os.environ if environ is None else environ

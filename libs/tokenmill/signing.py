@@ -10,16 +10,15 @@ is still pending.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import hmac
-import os
 import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenmill import datadir
 from tokenmill.settings import Settings
 
 SIGNATURE_HEADER = "tm-sig"
@@ -98,13 +97,6 @@ def with_local_key(settings: Settings) -> Settings:
     if settings.signing_keys:
         SigningKeys.parse(settings.signing_keys)
         return settings
-    key_file = Path(settings.data_dir) / KEY_FILE_NAME
-    key_file.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        # O_EXCL: two processes starting at once never overwrite each other's key.
-        descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as file:
-            file.write(new_key_spec() + "\n")
-    keys = key_file.read_text().strip()
+    keys = datadir.secret(Path(settings.data_dir) / KEY_FILE_NAME, new_key_spec)
     SigningKeys.parse(keys)  # A damaged key file is refused here, not by every service.
     return dataclasses.replace(settings, signing_keys=keys)

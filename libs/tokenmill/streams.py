@@ -79,6 +79,11 @@ class Streams:
     def booked(self) -> str:
         return f"{self.prefix}.booked"
 
+    @property
+    def billing(self) -> str:
+        """Money events an operator causes (prepaid credit top-ups): not tied to a request."""
+        return f"{self.prefix}.billing"
+
     @staticmethod
     def dead_letters(stream: str) -> str:
         return f"{stream}.dlq"
@@ -91,6 +96,7 @@ class Streams:
             self.quality,
             self.power,
             self.booked,
+            self.billing,
         ]
 
     def groups(self, region: str) -> list[tuple[str, str]]:

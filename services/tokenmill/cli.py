@@ -24,6 +24,7 @@ from tokenmill import datadir, deadletters, service
 from tokenmill.db import migrate
 from tokenmill.embedded import EmbeddedInfra, die_with_parent
 from tokenmill.intake import admin
+from tokenmill.intake.admin_api import ADMIN_PREFIX, ADMIN_TOKEN_FILE, with_admin_token
 from tokenmill.settings import ENV_PREFIX, Settings
 from tokenmill.signing import SigningKeyError, SigningKeys, with_local_key
 from tokenmill.streams import Streams, create_groups
@@ -235,6 +236,13 @@ def stop_together(processes: dict[str, subprocess.Popen], wait_s: float) -> None
             process.wait()
 
 
+def admin_token_source(settings: Settings) -> str:
+    token_file = Path(settings.data_dir) / ADMIN_TOKEN_FILE
+    if os.environ.get(ENV_PREFIX + "ADMIN_TOKEN"):
+        return "TOKENMILL_ADMIN_TOKEN"
+    return f"cat {token_file}"
+
+
 def print_banner(settings: Settings, first_key: str | None) -> None:
     base = f"http://{settings.http_host}:{settings.http_port}"
     key = first_key or "<your key: tokenmill keys create --name NAME --tier standard>"
@@ -242,6 +250,7 @@ def print_banner(settings: Settings, first_key: str | None) -> None:
         f"\ntokenmill is running: {base}  (Ctrl-C stops it)\n"
         + "the worker may still be loading the model; jobs queue until it is ready\n"
         + (f"first API key (shown once, keep it): {first_key}\n" if first_key else "")
+        + f"admin credential for {ADMIN_PREFIX}: {admin_token_source(settings)}\n"
         + f"\n  curl -s {base}/v1/jobs -H 'Authorization: Bearer {key}' \\\n"
         + "       -H 'Content-Type: application/json' \\\n"
         + '       -d \'{"prompt": "Name three colours.", "max_tokens": 32}\'\n',
@@ -260,7 +269,7 @@ def cmd_up(settings: Settings, _: argparse.Namespace) -> None:
     os.umask(0o077)
     data_dir = Path(settings.data_dir)
     datadir.secure(data_dir)
-    settings = with_local_key(settings)
+    settings = with_admin_token(with_local_key(settings))
     with contextlib.suppress(KeyboardInterrupt):  # Stopped while starting: nothing to report.
         with datadir.exclusive(data_dir), embedded(settings) as (resolved, infra):
             run = datadir.RunInfo(os.getpid(), resolved.database_url, resolved.redis_url)

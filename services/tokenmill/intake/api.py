@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -12,10 +12,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Scope
 
 from tokenmill import service, tokenizer
 from tokenmill.intake import jobs, openapi, probes, views
+from tokenmill.intake.errors import ApiError, answering, error_response
 from tokenmill.intake.keys import Customer, KeyCache
 from tokenmill.intake.limits import BodySizeLimit
 from tokenmill.intake.outages import StorageOutage
@@ -29,7 +29,6 @@ from tokenmill.intake.requests import (
 )
 from tokenmill.settings import Settings
 
-OPENAI_PREFIXES = ("/v1/chat/", "/v1/completions", "/v1/models")
 IDEMPOTENCY_KEY_CHARS_MAX = 255
 # Prompts up to this many characters are counted in tokens on the event loop (under about
 # 0.4 ms with a chat template); longer ones in a thread.
@@ -37,56 +36,6 @@ INLINE_COUNT_CHARS_MAX = 256
 # Job ids are "job_" and a ULID; anything else cannot name a job, and a NUL could not even be
 # looked up (Postgres text holds none).
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-
-
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        param: str | None = None,
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.code, self.message, self.param = status, code, message, param
-        self.headers = headers or {}
-
-
-def error_response(request: Request, error: ApiError) -> JSONResponse:
-    """OpenAI-shaped errors on the OpenAI routes, RFC 9457 problem details everywhere else."""
-    if request.url.path.startswith(OPENAI_PREFIXES):
-        kind = "invalid_request_error" if error.status < 500 else "server_error"
-        if error.status == 401:
-            kind = "authentication_error"
-        body: dict[str, Any] = {
-            "error": {
-                "message": error.message,
-                "type": kind,
-                "param": error.param,
-                "code": error.code,
-            }
-        }
-        return JSONResponse(body, status_code=error.status, headers=error.headers)
-    problem = {
-        "type": f"https://tokenmill.dev/problems/{error.code}",
-        "title": error.code.replace("_", " "),
-        "status": error.status,
-        "detail": error.message,
-    }
-    if error.param:
-        problem["param"] = error.param
-    return JSONResponse(
-        problem,
-        status_code=error.status,
-        headers=error.headers,
-        media_type="application/problem+json",
-    )
-
-
-def answering(error: ApiError) -> Callable[[Scope], Response]:
-    """How a middleware answers `error` before any route runs, in the route's error shape."""
-    return lambda scope: error_response(Request(scope), error)
 
 
 def _validation_error(exc: RequestValidationError) -> ApiError:
@@ -153,6 +102,7 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
                 yield
 
     app = FastAPI(title="tokenmill intake", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
     openapi.install(app, settings)
     too_large = ApiError(
         413, "body_too_large", f"the request body is over {settings.request_body_bytes_max} bytes"

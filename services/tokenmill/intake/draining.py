@@ -21,7 +21,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tokenmill.intake.api import ApiError, error_response
+from tokenmill.intake.errors import ApiError, error_response
 
 # Answered during a drain as at any other time, and not counted among the responses.
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})

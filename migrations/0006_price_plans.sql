@@ -129,3 +129,29 @@ CREATE TRIGGER credits_append_only BEFORE UPDATE OR DELETE ON ledger.credits
 -- The cached part of each request's prompt, billed at the cached-input price.
 ALTER TABLE ledger.request_usage
     ADD COLUMN cached_prompt_tokens integer NOT NULL DEFAULT 0 CHECK (cached_prompt_tokens >= 0);
+
+-- Each request's rating, by token class: the plan version it was rated under, the tokens past
+-- the included quota, and what each class earned (revenue is their sum). Invoices build their
+-- lines from these. Rows booked before this release are split at the 2026-01 price book's
+-- input price, the only one they could have been rated at.
+ALTER TABLE ledger.request_usage
+    ADD COLUMN plan_id text,
+    ADD COLUMN plan_version text,
+    ADD COLUMN charged_input_tokens integer NOT NULL DEFAULT 0 CHECK (charged_input_tokens >= 0),
+    ADD COLUMN charged_cached_input_tokens integer NOT NULL DEFAULT 0
+        CHECK (charged_cached_input_tokens >= 0),
+    ADD COLUMN charged_output_tokens integer NOT NULL DEFAULT 0 CHECK (charged_output_tokens >= 0),
+    ADD COLUMN revenue_input numeric NOT NULL DEFAULT 0,
+    ADD COLUMN revenue_cached_input numeric NOT NULL DEFAULT 0,
+    ADD COLUMN revenue_output numeric NOT NULL DEFAULT 0;
+UPDATE ledger.request_usage u SET
+    plan_id = 'tier:' || u.tier,
+    plan_version = '2026-01',
+    charged_input_tokens = u.prompt_tokens,
+    charged_output_tokens = u.completion_tokens,
+    revenue_input = round(u.prompt_tokens * p.price_per_mtok / 1000000, 12),
+    revenue_output = u.revenue - round(u.prompt_tokens * p.price_per_mtok / 1000000, 12)
+FROM ledger.price_book p
+WHERE p.tier = u.tier AND p.token_class = 'input' AND p.version = '2026-01';
+ALTER TABLE ledger.request_usage ADD CONSTRAINT revenue_is_its_classes
+    CHECK (revenue = revenue_input + revenue_cached_input + revenue_output);

@@ -7,7 +7,14 @@ from datetime import datetime
 import asyncpg
 
 from tokenmill.events import Event, JobCompleted, PowerSample, QualityVerdict, UsageBooked
-from tokenmill.ledger.pricing import CostRates, TierPrices, Usage, book_request, device_class
+from tokenmill.ledger.pricing import (
+    CostRates,
+    TierPrices,
+    Usage,
+    book_request,
+    device_class,
+    revenue,
+)
 from tokenmill.outbox import enqueue
 
 SCHEMA = "ledger"
@@ -83,8 +90,10 @@ async def book_completion(
         "INSERT INTO ledger.request_usage (request_id, completion_event_id, customer_id, tier, "
         "region, model, device, prompt_tokens, completion_tokens, energy_j, meter, "
         "energy_estimated, compute_s, energy_cost, compute_cost, cost, revenue, margin, "
-        "currency, price_version, submitted_at, completed_at) VALUES ($1, $2, $3, $4, $5, $6, "
-        "$7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22) "
+        "currency, price_version, submitted_at, completed_at, plan_id, plan_version, "
+        "charged_input_tokens, charged_output_tokens, revenue_input, revenue_output) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, "
+        "$18, $19, $20, $21, $22, 'tier:' || $4, $23, $8, $9, $24::numeric, $17::numeric - $24) "
         "ON CONFLICT (request_id) DO NOTHING RETURNING true",
         event.request_id,
         event.event_id,
@@ -108,6 +117,8 @@ async def book_completion(
         books.price_version,
         event.submitted_at,
         event.occurred_at,
+        prices.version,
+        revenue(Usage(event.prompt_tokens, 0, usage.energy_j, usage.compute_s), prices),
     )
     if not inserted:
         return False

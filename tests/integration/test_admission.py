@@ -98,7 +98,8 @@ async def test_500_concurrent_requests_against_a_budget_for_100_admit_exactly_10
     )
     statuses = Counter(r.status_code for r in responses)
     assert statuses == {202: 100, 402: 400}, statuses
-    assert all("over monthly budget" in r.json()["detail"] for r in responses if r.status_code == 402)
+    refusals = [r.json()["detail"] for r in responses if r.status_code == 402]
+    assert all("over monthly budget" in detail for detail in refusals)
     assert (await written(pool, customer_id))[0] == 100
     after_admission = await balance(pool, customer_id)
     assert after_admission["period_held"] == hold * 100 == after_admission["held"]
@@ -143,10 +144,13 @@ async def test_a_redelivered_booking_settles_once(
         await publish_signed(test_settings, stream, event)
 
     async def inbox_saw_all() -> bool:
-        return await pool.fetchval(
-            "SELECT count(*) FROM intake.inbox WHERE event_id = ANY($1)",
-            [first.event_id, again.event_id],
-        ) == 2
+        return (
+            await pool.fetchval(
+                "SELECT count(*) FROM intake.inbox WHERE event_id = ANY($1)",
+                [first.event_id, again.event_id],
+            )
+            == 2
+        )
 
     await eventually(inbox_saw_all)
     settled = await balance(pool, customer_id)

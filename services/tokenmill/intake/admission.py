@@ -250,7 +250,10 @@ def balance_view(balance: asyncpg.Record, today: date) -> dict[str, Any]:
         "settled": _money(balance["period_settled"] if current else zero),
         "tokens_held": balance["period_tokens_held"] if current else 0,
         "tokens_used": balance["period_tokens_used"] if current else 0,
-        "postpaid": balance["monthly_budget"] is None and balance["prepaid_balance"] is None,
+        # Never held: no budget, no prepaid credit, a plan that charges past its quota.
+        "postpaid": balance["monthly_budget"] is None
+        and balance["prepaid_balance"] is None
+        and balance.get("quota_policy", "charge") == "charge",
     }
 
 

@@ -30,6 +30,7 @@ from tokenmill.outbox import enqueue
 # of a few extra digits is refused rather than credited.
 AMOUNT_PLACES_MAX = 2
 AMOUNT_MAX = Decimal("1000000000")
+CENT = Decimal("0.01")
 REFERENCE_CHARS_MAX = 200
 # `budgets reconcile` compares at most this many customer-periods per run.
 RECONCILE_ROWS_MAX = 10_000
@@ -60,7 +61,8 @@ def parse_amount(text: str, what: str) -> Decimal:
         raise ValueError(f"{what} has at most {AMOUNT_PLACES_MAX} decimal places, not {text!r}")
     if amount >= AMOUNT_MAX:
         raise ValueError(f"{what} must be below {AMOUNT_MAX}, not {text!r}")
-    return amount
+    # Whole cents, written out: "1e1" is stored and shown as 10.00.
+    return amount.quantize(CENT)
 
 
 @dataclass(frozen=True)
@@ -262,7 +264,8 @@ def period_of_date(day: date) -> date:
 
 
 def _money(amount: Decimal | None) -> str | None:
-    return None if amount is None else str(amount)
+    # Positional, never "1E-7": exact decimals travel as plain strings.
+    return None if amount is None else format(amount, "f")
 
 
 # Per customer and period (month of submission, UTC): the intake's settled charges beside the
@@ -305,12 +308,12 @@ async def reconcile(conn: asyncpg.Connection) -> list[dict[str, Any]]:
         {
             "customer_id": r["customer_id"],
             "period": r["period"].isoformat()[:7],
-            "intake_settled": str(r["intake_settled"]),
-            "ledger_revenue": str(r["ledger_revenue"]),
-            "revenue_difference": str(r["intake_settled"] - r["ledger_revenue"]),
-            "intake_topups": str(r["intake_topups"]),
-            "ledger_topups": str(r["ledger_topups"]),
-            "topups_difference": str(r["intake_topups"] - r["ledger_topups"]),
+            "intake_settled": _money(r["intake_settled"]),
+            "ledger_revenue": _money(r["ledger_revenue"]),
+            "revenue_difference": _money(r["intake_settled"] - r["ledger_revenue"]),
+            "intake_topups": _money(r["intake_topups"]),
+            "ledger_topups": _money(r["ledger_topups"]),
+            "topups_difference": _money(r["intake_topups"] - r["ledger_topups"]),
             "matches": r["intake_settled"] == r["ledger_revenue"]
             and r["intake_topups"] == r["ledger_topups"],
         }

@@ -14,7 +14,8 @@ from fastapi.security import HTTPAuthorizationCredentials
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill import service, tokenizer
-from tokenmill.intake import admission, jobs, openapi, probes, views
+from tokenmill.intake import admin_customers, admission, jobs, openapi, probes, views
+from tokenmill.intake.admin_api import ADMIN_PREFIX, AdminDependencies
 from tokenmill.intake.errors import ApiError, answering, error_response
 from tokenmill.intake.keys import Customer, KeyCache
 from tokenmill.intake.limits import BodySizeLimit
@@ -131,6 +132,8 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
         unavailable=answering(storage_down),
         log_interval_s=settings.outage_log_interval_s,
     )
+
+    app.include_router(admin_customers.router, prefix=ADMIN_PREFIX, dependencies=AdminDependencies)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:

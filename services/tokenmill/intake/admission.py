@@ -297,13 +297,17 @@ FROM intake_settled s
 FULL JOIN ledger_booked b USING (customer_id, period)
 FULL JOIN intake_topups ti USING (customer_id, period)
 FULL JOIN ledger_topups tl USING (customer_id, period)
+WHERE $2::text IS NULL OR customer_id = $2
 ORDER BY customer_id, period
 LIMIT $1"""
 
 
-async def reconcile(conn: asyncpg.Connection) -> list[dict[str, Any]]:
-    """Every customer-period with what each side recorded and whether they differ."""
-    rows = await conn.fetch(_RECONCILE_SQL, RECONCILE_ROWS_MAX)
+async def reconcile(
+    conn: asyncpg.Connection, customer_id: str | None = None
+) -> list[dict[str, Any]]:
+    """Every customer-period (of one customer, or all) with what each side recorded and
+    whether they differ."""
+    rows = await conn.fetch(_RECONCILE_SQL, RECONCILE_ROWS_MAX, customer_id)
     return [
         {
             "customer_id": r["customer_id"],

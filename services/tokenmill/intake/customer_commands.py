@@ -54,6 +54,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     reconcile = budget_actions.add_parser(
         "reconcile", help="intake's settled amounts beside the ledger's; exit 1 if they differ"
     )
+    reconcile.add_argument("--customer", default=None, help="only this customer")
     listed += [set_budget, reconcile]
 
     credit_actions = commands.add_parser("credits", help="prepaid credit").add_subparsers(
@@ -162,7 +163,7 @@ async def _add_credit(conn, settings: Settings, args) -> tuple[str, bool]:
 
 
 async def _reconcile(conn, _settings: Settings, args) -> tuple[str, bool]:
-    rows = await admission.reconcile(conn)
+    rows = await admission.reconcile(conn, args.customer)
     differ = [row for row in rows if not row["matches"]]
     if args.json:
         return _json({"matches": not differ, "periods": rows}), not differ

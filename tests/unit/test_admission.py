@@ -84,7 +84,7 @@ def test_a_new_month_starts_the_budget_again():
 def test_out_of_prepaid_credit_counts_every_outstanding_hold():
     row = balance(prepaid_balance=Decimal("5"), held=Decimal("4.5"))
     message = refusal(row, CHARGE, Hold(Decimal("1"), 10), PERIOD)
-    assert message.startswith("out of prepaid credit") and "(short by 0.5 USD)" in message
+    assert message.startswith("out of prepaid credit") and "(short by 0.50 USD)" in message
 
 
 def test_free_quota_counts_tokens_used_and_held():

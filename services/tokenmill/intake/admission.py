@@ -87,26 +87,35 @@ def refusal(balance: asyncpg.Record, plan: asyncpg.Record, hold: Hold, period: d
                 f"{plan['included_tokens_monthly']} included tokens are left this month "
                 f"(short by {hold.tokens - left}); lower max_tokens or change tier"
             )
+    cost = f"this request may cost up to {_shown(hold.amount)} {currency}"
     if balance["prepaid_balance"] is not None:
         left = max(balance["prepaid_balance"] - balance["held"], Decimal(0))
         if hold.amount > left:
             return (
-                f"out of prepaid credit: this request may cost up to {hold.amount} {currency} "
-                f"and {left} {currency} of prepaid credit is free "
-                f"(short by {hold.amount - left} {currency}); top up or lower max_tokens"
+                f"out of prepaid credit: {cost} and {_shown(left)} {currency} of prepaid "
+                f"credit is free (short by {_shown(hold.amount - left)} {currency}); top up "
+                "or lower max_tokens"
             )
     if balance["monthly_budget"] is not None:
         spent = balance["period_held"] + balance["period_settled"] if current else Decimal(0)
         left = max(balance["monthly_budget"] - spent, Decimal(0))
         if hold.amount > left:
+            budget = _shown(balance["monthly_budget"])
             return (
-                f"over monthly budget: this request may cost up to {hold.amount} {currency} "
-                f"and {left} {currency} of the {balance['monthly_budget']} {currency} monthly "
-                f"budget is left (short by {hold.amount - left} {currency}); raise the budget "
-                "or lower max_tokens"
+                f"over monthly budget: {cost} and {_shown(left)} {currency} of the {budget} "
+                f"{currency} monthly budget is left (short by {_shown(hold.amount - left)} "
+                f"{currency}); raise the budget or lower max_tokens"
             )
     # The balance moved between the refusal and this read: the request may fit now.
     return "the request did not fit the balance at admission; send it again"
+
+
+def _shown(amount: Decimal) -> str:
+    """An amount for people: whole cents at least, and no trailing zeros past them."""
+    shown = amount.normalize()
+    if shown.as_tuple().exponent > -2:  # type: ignore[operator]
+        shown = shown.quantize(CENT)
+    return format(shown, "f")
 
 
 async def explain_refusal(

@@ -112,8 +112,10 @@ async def _update(
 
 
 async def _locked(conn: asyncpg.Connection, customer_id: str) -> None:
+    # NO KEY UPDATE: admissions hold KEY SHARE on the customer (the request's foreign key)
+    # and need not wait for an operator's change, nor it for them.
     if "\x00" in customer_id or not await conn.fetchval(
-        "SELECT true FROM intake.customers WHERE customer_id = $1 FOR UPDATE", customer_id
+        "SELECT true FROM intake.customers WHERE customer_id = $1 FOR NO KEY UPDATE", customer_id
     ):
         raise LookupError(f"no customer {customer_id!r}")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -74,8 +73,7 @@ async def submit(
         except asyncpg.PostgresError as exc:
             if exc.sqlstate != admission.REFUSED_SQLSTATE:
                 raise
-            hold = admission.Hold(Decimal(0), prompt_tokens + event.max_tokens)
-            hold = await _hold_of(conn, event, hold)
+            hold = await _hold_of(conn, event, prompt_tokens)
             raise admission.Refused(
                 await admission.explain_refusal(
                     conn, customer.customer_id, customer.tier, event.occurred_at, hold
@@ -109,18 +107,18 @@ FROM ledger.plan_at(ledger.plan_for({customer}, {tier}, {at}), {at}) p"""
 
 
 async def _hold_of(
-    conn: asyncpg.Connection, event: JobSubmitted, hold: admission.Hold
+    conn: asyncpg.Connection, event: JobSubmitted, prompt_tokens: int
 ) -> admission.Hold:
-    """`hold` with the amount the admission statement computed for `event`."""
+    """What the admission statement held (or tried to hold) for `event`."""
     plan = await conn.fetchrow(
         _worst_case_sql("$1", "$2", "$3", "$4", "$5"),
-        hold.tokens - event.max_tokens,
+        prompt_tokens,
         event.max_tokens,
         event.customer_id,
         event.tier,
         event.occurred_at,
     )
-    return admission.Hold(plan["hold_amount"], hold.tokens)
+    return admission.Hold(plan["hold_amount"], prompt_tokens + event.max_tokens)
 
 
 # One statement, so one round trip and one implicit transaction: the request row, its outbox

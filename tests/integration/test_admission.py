@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import asyncpg
@@ -295,3 +296,47 @@ async def test_a_suspended_customer_gets_403_on_every_route_and_works_again_when
         return (await client.get("/v1/usage", headers=headers)).status_code == 200
 
     await eventually(works, timeout_s=1.0)
+
+
+async def test_a_new_month_starts_the_budget_again_and_last_months_hold_settles_there(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, test_settings: Settings
+):
+    customer_id, headers = await new_customer(pool)
+    async with pool.acquire() as conn:
+        await admission.set_budget(conn, customer_id, Decimal("1.00"))
+    last_month = (await client.post("/v1/jobs", json=BODY, headers=headers)).json()["id"]
+    # As if that request had been admitted last month, and last month's budget were spent.
+    await pool.execute(
+        "UPDATE intake.requests SET submitted_at = submitted_at - interval '1 month' "
+        "WHERE request_id = $1",
+        last_month,
+    )
+    await pool.execute(
+        "UPDATE intake.admission_balances SET period = (period - interval '1 month')::date, "
+        "period_settled = 1.00 - period_held WHERE customer_id = $1",
+        customer_id,
+    )
+    this_month = await client.post("/v1/jobs", json=BODY, headers=headers)
+    assert this_month.status_code == 202, this_month.text
+    holds = dict(
+        await pool.fetch(
+            "SELECT request_id, hold_amount FROM intake.requests WHERE customer_id = $1",
+            customer_id,
+        )
+    )
+    rolled = await balance(pool, customer_id)
+    assert rolled["period"] == admission.period_of(datetime.now(UTC))
+    assert (rolled["period_settled"], rolled["period_held"]) == (0, holds[this_month.json()["id"]])
+    assert rolled["held"] == sum(holds.values())
+
+    row = {"customer_id": customer_id, "request_id": last_month}
+    booking = booked(row, Decimal("0.000010"))
+    await publish_signed(test_settings, Streams(test_settings.stream_prefix).booked, booking)
+
+    async def last_month_settled() -> bool:
+        return (await balance(pool, customer_id))["held"] == holds[this_month.json()["id"]]
+
+    await eventually(last_month_settled)
+    after = await balance(pool, customer_id)
+    # Its charge is last month's: this month's counters are untouched.
+    assert (after["period_settled"], after["period_held"]) == (0, rolled["period_held"])

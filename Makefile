@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PYTEST := $(BIN)/python -m pytest
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test unit integration e2e test-slow lint format bench clean
+.PHONY: install run test unit integration e2e test-slow lint format bench bench-admission clean
 
 install: $(STAMP)
 
@@ -50,6 +50,10 @@ format: install
 
 bench: install
 	$(BIN)/python -m bench.intake
+
+# Only the cost of admission holds: accepted jobs/s with a budget beside postpaid (no model).
+bench-admission: install
+	$(BIN)/python -m bench.intake --admission-only
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,6 +1,7 @@
 """`make bench`: accepted jobs per second at POST /v1/jobs beside a bare FastAPI endpoint measured
-in the same run, what event signing costs beside that, and the latency of single jobs from submit
-to booked.
+in the same run, what event signing costs beside that, what admission holds cost (a customer with
+a monthly budget beside a postpaid one), and the latency of single jobs from submit to booked.
+`make bench-admission` measures only the admission holds.
 
 Signing cannot be turned off (an unsigned deployment would book forged events), so its share is
 measured directly: the HMAC of one job.submitted body, signed once by the intake's outbox relay
@@ -26,6 +27,7 @@ import tempfile
 import time
 import timeit
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -36,6 +38,7 @@ from redis.asyncio import Redis as RedisClient
 from tests.e2e.factory import SERVICES, Factory, free_port
 from tokenmill.cli import bootstrap, create_key
 from tokenmill.events import JobSubmitted, new_id
+from tokenmill.intake import admission
 from tokenmill.settings import Settings
 from tokenmill.signing import SIGNATURE_HEADER, SigningKeys, new_key_spec
 
@@ -47,6 +50,8 @@ BODY = {"prompt": "Name three colours.", "max_tokens": 8}
 JSON = {"Content-Type": "application/json"}
 JOB_S_MAX = 120.0
 SIGNING_ROUNDS = 20_000
+# Far above what any run can hold, so that no request is refused (wrk counts a 402 as a failure).
+BENCH_BUDGET = Decimal(100_000_000)
 
 
 def load(url: str, headers: dict[str, str], duration_s: int, concurrency: int) -> float:
@@ -144,8 +149,13 @@ async def main(args: argparse.Namespace) -> None:
         _, load_key = await create_key(settings, "bench-load", "standard", "bench-load")
         bare_url = f"http://127.0.0.1:{bare_port}"
         load_headers = {"Authorization": f"Bearer {load_key}"}
+        budget_headers = await budget_customer(settings)
+        if args.admission_only:
+            report_admission(args, factory.base_url, load_headers, budget_headers)
+            return
         intake_rps = report_throughput(args, factory.base_url, bare_url, load_headers)
         report_signing(settings, intake_rps)
+        report_admission(args, factory.base_url, load_headers, budget_headers)
         await report_latency(args, factory, headers)
     finally:
         bare.terminate()
@@ -163,6 +173,31 @@ def report_throughput(args, intake_url: str, bare_url: str, headers) -> float:
     print(f"  tokenmill intake         {intake_rps:8.0f} accepted/s")
     print(f"  ratio intake / bare      {intake_rps / bare_rps:8.2f}")
     return intake_rps
+
+
+async def budget_customer(settings: Settings) -> dict[str, str]:
+    """A customer of the load region with a monthly budget: every request it sends is held."""
+    customer_id, key = await create_key(settings, "bench-budget", "standard", "bench-load")
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await admission.set_budget(conn, customer_id, BENCH_BUDGET)
+    finally:
+        await conn.close()
+    return {"Authorization": f"Bearer {key}"}
+
+
+def report_admission(args, intake_url: str, postpaid, budgeted) -> None:
+    """Accepted jobs/s for a customer whose every request is held against its budget, beside
+    a postpaid customer's (never held), in the same run on the same intake."""
+    url = f"{intake_url}/v1/jobs"
+    load(url, postpaid, 2, args.concurrency)
+    load(url, budgeted, 2, args.concurrency)
+    postpaid_rps = load(url, postpaid, args.seconds, args.concurrency)
+    held_rps = load(url, budgeted, args.seconds, args.concurrency)
+    print(f"admission holds, POST /v1/jobs for {args.seconds}s each, {args.concurrency} conns:")
+    print(f"  postpaid customer (no hold)         {postpaid_rps:8.0f} accepted/s")
+    print(f"  customer with a budget (held)       {held_rps:8.0f} accepted/s")
+    print(f"  ratio held / not held               {held_rps / postpaid_rps:8.2f}")
 
 
 def report_signing(settings: Settings, intake_rps: float) -> None:
@@ -231,6 +266,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--jobs", type=int, default=5)
+    parser.add_argument(
+        "--admission-only", action="store_true", help="only the admission holds' cost"
+    )
     return parser.parse_args()
 
 

@@ -55,6 +55,14 @@ async def create_pool(settings: Settings) -> asyncpg.Pool:
     )
 
 
+async def connect(database_url: str) -> asyncpg.Connection:
+    """One connection that reads and writes JSON as the pool's do: for CLI commands that
+    queue outbox events (whose headers are jsonb)."""
+    conn = await asyncpg.connect(database_url)
+    await _init_connection(conn)
+    return conn
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int

@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from tokenmill import datadir, deadletters, service
 from tokenmill.db import migrate
 from tokenmill.embedded import EmbeddedInfra, die_with_parent
-from tokenmill.intake import admin
+from tokenmill.intake import admin, customer_commands
 from tokenmill.intake.admin_api import ADMIN_PREFIX, ADMIN_TOKEN_FILE, with_admin_token
 from tokenmill.settings import ENV_PREFIX, Settings
 from tokenmill.signing import SigningKeyError, SigningKeys, with_local_key
@@ -96,6 +96,17 @@ async def create_key(settings: Settings, name: str, tier: str, region: str) -> t
     try:
         async with conn.transaction():
             return await _customer_with_key(conn, name, tier, region)
+    finally:
+        await conn.close()
+
+
+async def add_key(settings: Settings, customer_id: str) -> str:
+    """Another API key for an existing customer."""
+    from tokenmill.intake.customers import new_key
+
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        return await new_key(conn, customer_id)
     finally:
         await conn.close()
 
@@ -318,13 +329,39 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def cmd_keys_create(settings: Settings, args: argparse.Namespace) -> None:
+    if (args.name is None) == (args.customer is None):
+        raise SystemExit(
+            "tokenmill keys create: give --name (a new customer) or --customer (another key "
+            "for an existing one)"
+        )
     with infrastructure(settings) as resolved:
         asyncio.run(bootstrap(resolved))
+        if args.customer is not None:
+            try:
+                key = asyncio.run(add_key(resolved, args.customer))
+            except LookupError as exc:
+                raise SystemExit(f"tokenmill keys create: {exc}") from exc
+            print(f"customer {args.customer}")
+            print(f"API key (shown once): {key}")
+            return
         customer_id, key = asyncio.run(
             create_key(resolved, args.name, args.tier, args.region or resolved.region)
         )
         print(f"customer {customer_id} ({args.tier}, {args.region or resolved.region})")
         print(f"API key (shown once): {key}")
+
+
+def cmd_accounts(settings: Settings, args: argparse.Namespace) -> None:
+    """`tokenmill customers|budgets|credits ...`; exit 1 on bad input or a reconcile mismatch."""
+    with infrastructure(settings) as resolved:
+        asyncio.run(bootstrap(resolved))
+        try:
+            output, ok = asyncio.run(customer_commands.command(resolved, args))
+        except (LookupError, ValueError) as exc:
+            raise SystemExit(f"tokenmill {args.command} {args.action}: {exc}") from exc
+    print(output)
+    if not ok:
+        raise SystemExit(1)
 
 
 def cmd_dlq(settings: Settings, args: argparse.Namespace) -> None:
@@ -348,11 +385,15 @@ def parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="manage API keys").add_subparsers(
         dest="keys_command", required=True
     )
-    create = keys.add_parser("create", help="create a customer and its first API key")
-    create.add_argument("--name", required=True)
+    create = keys.add_parser(
+        "create", help="create a customer and its first API key, or another key (--customer)"
+    )
+    create.add_argument("--name", help="the new customer's name")
+    create.add_argument("--customer", help="an existing customer's id: a second key for it")
     create.add_argument("--tier", choices=("free", "standard", "premium"), default="standard")
     create.add_argument("--region", default=None)
     admin.add_commands(keys)
+    customer_commands.add_commands(commands)
     deadletters.add_commands(commands)
     return root
 
@@ -366,6 +407,7 @@ def main(argv: list[str] | None = None) -> None:
         "migrate": cmd_migrate,
         "keys": cmd_keys,
         "dlq": cmd_dlq,
+        **{name: cmd_accounts for name in customer_commands.COMMANDS},
     }
     try:
         handlers[args.command](Settings.from_env(), args)

@@ -14,8 +14,11 @@ from openai import OpenAI
 
 from tests.e2e.factory import SERVICES, Factory, free_port
 from tests.integration.helpers import eventually
+from tokenmill.db import connect
+from tokenmill.intake import admission, customers
 from tokenmill.intake.keys import create_customer, issue_key
 from tokenmill.settings import Settings
+from tokenmill.streams import Streams
 
 JOB_S_MAX = 120.0
 
@@ -193,3 +196,44 @@ async def test_killed_worker_job_completes_once_and_is_billed_once(
         job_id,
     )
     assert billed == 1 and starts >= 1
+
+
+async def test_a_held_job_settles_at_its_booked_charge_and_the_books_reconcile(
+    factory: Factory, pool: asyncpg.Pool
+):
+    """A customer with a budget and prepaid credit: the job's worst case is held, the real
+    ledger's booking settles it, and the ledger's revenue and top-up match the intake's."""
+    conn = await connect(factory.settings.database_url)
+    try:
+        region = factory.settings.region
+        customer, key = await customers.create(conn, "held", "standard", region, True)
+        billing = Streams(factory.settings.stream_prefix).billing
+        await admission.set_budget(conn, customer.customer_id, Decimal("1.00"))
+        await admission.add_credit(conn, billing, customer.customer_id, Decimal("2.00"), "e2e")
+    finally:
+        await conn.close()
+    async with client(factory, key) as http:
+        submitted = await http.post("/v1/jobs", json={"prompt": "Say hi", "max_tokens": 8})
+        assert submitted.status_code == 202, submitted.text
+        job = await wait_for(http, submitted.json()["id"], lambda j: j["billing"] is not None)
+    revenue = Decimal(job["billing"]["revenue"])
+
+    async def settled() -> bool:
+        balance = await pool.fetchrow(
+            "SELECT * FROM intake.admission_balances WHERE customer_id = $1", customer.customer_id
+        )
+        return balance["held"] == 0 and balance["period_settled"] == revenue
+
+    await eventually(settled)
+    balance = await pool.fetchrow(
+        "SELECT prepaid_balance FROM intake.admission_balances WHERE customer_id = $1",
+        customer.customer_id,
+    )
+    assert balance["prepaid_balance"] == Decimal("2.00") - revenue
+
+    async def reconciled() -> bool:
+        async with pool.acquire() as conn:
+            (period,) = await admission.reconcile(conn, customer.customer_id)
+        return period["matches"] and period["ledger_topups"] == "2.00"
+
+    await eventually(reconciled)

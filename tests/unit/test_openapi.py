@@ -50,7 +50,8 @@ def test_every_v1_route_is_described_and_needs_the_bearer_key(document: dict):
             assert "Retry-After" in op["responses"]["503"]["headers"]
 
 
-BODY_ERRORS = ("400", "401", "409", "413", "415")
+# 402: over budget, out of prepaid credit or past the free quota; 403: a suspended customer.
+BODY_ERRORS = ("400", "401", "402", "403", "409", "413", "415")
 # Every /v1 route may meet a draining intake or a storage outage.
 UNAVAILABLE = ("503", "504")
 
@@ -59,11 +60,16 @@ UNAVAILABLE = ("503", "504")
     ("method", "path", "statuses", "error_type"),
     [
         ("post", "/v1/jobs", {"200", "202", *BODY_ERRORS, *UNAVAILABLE}, "problem+json"),
-        ("get", "/v1/jobs/{job_id}", {"200", "400", "401", "404", *UNAVAILABLE}, "problem+json"),
+        (
+            "get",
+            "/v1/jobs/{job_id}",
+            {"200", "400", "401", "403", "404", *UNAVAILABLE},
+            "problem+json",
+        ),
         ("post", "/v1/chat/completions", {"200", *BODY_ERRORS, *UNAVAILABLE}, "json"),
         ("post", "/v1/completions", {"200", *BODY_ERRORS, *UNAVAILABLE}, "json"),
-        ("get", "/v1/models", {"200", "401", *UNAVAILABLE}, "json"),
-        ("get", "/v1/usage", {"200", "401", *UNAVAILABLE}, "problem+json"),
+        ("get", "/v1/models", {"200", "401", "403", *UNAVAILABLE}, "json"),
+        ("get", "/v1/usage", {"200", "401", "403", *UNAVAILABLE}, "problem+json"),
     ],
 )
 def test_each_route_declares_the_statuses_it_answers_in_its_error_shape(

@@ -29,13 +29,13 @@ async def command(settings: Settings, args: argparse.Namespace) -> str:
         if args.keys_command == "list":
             keys = await list_keys(conn, args.prefix, args.customer)
             if args.json:
-                return json.dumps([_as_json(key) for key in keys], indent=2)
+                return json.dumps([as_json(key) for key in keys], indent=2)
             return "\n".join(map(_line, keys)) if keys else "no keys"
         key, now = await revoke_key(conn, args.key)
     finally:
         await conn.close()
     if args.json:
-        return json.dumps({**_as_json(key), "revoked_now": now}, indent=2)
+        return json.dumps({**as_json(key), "revoked_now": now}, indent=2)
     if not now:
         return f"{_line(key)}: already revoked, nothing changed"
     return f"{_line(key)}: every intake refuses it within {settings.key_revocation_s_max:g} s"
@@ -49,7 +49,7 @@ def _line(key: KeyRecord) -> str:
     )
 
 
-def _as_json(key: KeyRecord) -> dict[str, Any]:
+def as_json(key: KeyRecord) -> dict[str, Any]:
     return {
         "key_id": key.key_id,
         "key_prefix": key.key_prefix,

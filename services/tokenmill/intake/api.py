@@ -14,7 +14,8 @@ from fastapi.security import HTTPAuthorizationCredentials
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill import service, tokenizer
-from tokenmill.intake import jobs, openapi, probes, views
+from tokenmill.intake import admin_customers, admission, jobs, openapi, probes, views
+from tokenmill.intake.admin_api import ADMIN_PREFIX, AdminDependencies
 from tokenmill.intake.errors import ApiError, answering, error_response
 from tokenmill.intake.keys import Customer, KeyCache
 from tokenmill.intake.limits import BodySizeLimit
@@ -62,6 +63,13 @@ async def customer(
             "invalid_api_key",
             "missing or invalid API key; send Authorization: Bearer <key>",
             headers={"WWW-Authenticate": "Bearer"},
+        )
+    if found.suspended:
+        raise ApiError(
+            403,
+            "customer_suspended",
+            f"customer {found.customer_id} is suspended; its keys are refused until an "
+            "operator resumes it",
         )
     return found
 
@@ -125,6 +133,8 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
         log_interval_s=settings.outage_log_interval_s,
     )
 
+    app.include_router(admin_customers.router, prefix=ADMIN_PREFIX, dependencies=AdminDependencies)
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return error_response(request, exc)
@@ -154,17 +164,21 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
             # Tokenizing a long prompt takes milliseconds (about 1 µs a character): off the
             # event loop. A short one costs less than the hop to a thread and back.
             if prompt_chars(checked) <= INLINE_COUNT_CHARS_MAX:
-                check_fits(checked, api, request.app.state.tokenizer)
+                prompt_tokens = check_fits(checked, api, request.app.state.tokenizer)
             else:
-                await asyncio.to_thread(check_fits, checked, api, request.app.state.tokenizer)
+                prompt_tokens = await asyncio.to_thread(
+                    check_fits, checked, api, request.app.state.tokenizer
+                )
         except InvalidRequest as exc:
             raise ApiError(400, "invalid_request", str(exc), exc.param) from exc
         runtime = request.app.state.runtime
         # FastAPI's own server span is current here, so the job event's headers carry it.
         try:
             return await jobs.submit(
-                runtime.db, runtime.streams, who, checked, api, settings.model, key
+                runtime.db, runtime.streams, who, checked, api, settings.model, key, prompt_tokens
             )
+        except admission.Refused as exc:
+            raise ApiError(402, "insufficient_quota", str(exc)) from exc
         except jobs.IdempotencyConflict as exc:
             raise ApiError(
                 409,

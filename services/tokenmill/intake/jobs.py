@@ -17,6 +17,7 @@ from tokenmill.events import (
     UsageBooked,
     new_id,
 )
+from tokenmill.intake import admission
 from tokenmill.intake.keys import Customer
 from tokenmill.intake.requests import Api, GenerationRequest, fingerprint, model_input
 from tokenmill.outbox import OUTBOX_COLUMNS, outbox_values
@@ -38,11 +39,14 @@ async def submit(
     api: Api,
     model: str,
     idempotency_key: str | None,
+    prompt_tokens: int,
 ) -> tuple[asyncpg.Record, bool]:
-    """Record the request and queue its job event atomically.
+    """Record the request, hold its worst case and queue its job event atomically.
 
     Returns the request row and whether it was created now. A repeated idempotency key returns
-    the first request's row and queues nothing, so a retried POST is never run or billed twice.
+    the first request's row and queues and holds nothing, so a retried POST is never run,
+    held or billed twice. Raises admission.Refused, having written nothing, when the worst
+    case does not fit the customer's budget, prepaid credit or included quota.
     """
     request_sha256 = fingerprint(request, api)
     prompt, messages = model_input(request, api)
@@ -62,7 +66,19 @@ async def submit(
         seed=request.seed,
     )
     async with pool.acquire() as conn:
-        row = await _accept(conn, event, request, api, idempotency_key, request_sha256, streams)
+        try:
+            row = await _accept(
+                conn, event, request, api, idempotency_key, request_sha256, streams, prompt_tokens
+            )
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate != admission.REFUSED_SQLSTATE:
+                raise
+            hold = await _hold_of(conn, event, prompt_tokens)
+            raise admission.Refused(
+                await admission.explain_refusal(
+                    conn, customer.customer_id, customer.tier, event.occurred_at, hold
+                )
+            ) from exc
         if row is not None:
             return row, True
         existing = await conn.fetchrow(
@@ -70,27 +86,91 @@ async def submit(
             customer.customer_id,
             idempotency_key,
         )
-    assert existing is not None, "a conflicting row must exist"
+    assert existing is not None, "no price plan in force for the customer, or a conflicting row"
     if existing["request_sha256"] != request_sha256:
         raise IdempotencyConflict(idempotency_key)
     return existing, False
 
 
-# One statement, so one round trip and one implicit transaction: the request row and its
-# outbox row are written together or not at all, and a repeated idempotency key writes
-# neither (the outbox insert selects from the request insert, which then returns nothing).
+# The worst case a request can cost: its prompt at the highest input price (cached input is
+# never dearer, but a plan could say otherwise) and max_tokens at the highest output price,
+# from the plan in force when it is submitted (contract: ledger.plan_at). Exact: prices are
+# per million tokens, and multiplying by 0.000001 keeps every digit.
+def _worst_case_sql(prompt_tokens: str, max_tokens: str, customer: str, tier: str, at: str):
+    """The plan query, with the statement's own placeholders for its five inputs."""
+    return f"""
+SELECT p.quota_policy, p.included_tokens_monthly,
+    ({prompt_tokens}::bigint * greatest(coalesce(p.input_per_mtok_max, 0),
+                                       coalesce(p.cached_input_per_mtok_max, 0))
+     + {max_tokens}::bigint * coalesce(p.output_per_mtok_max, 0)) * 0.000001 AS hold_amount
+FROM ledger.plan_at(ledger.plan_for({customer}, {tier}, {at}), {at}) p"""
+
+
+async def _hold_of(
+    conn: asyncpg.Connection, event: JobSubmitted, prompt_tokens: int
+) -> admission.Hold:
+    """What the admission statement held (or tried to hold) for `event`."""
+    plan = await conn.fetchrow(
+        _worst_case_sql("$1", "$2", "$3", "$4", "$5"),
+        prompt_tokens,
+        event.max_tokens,
+        event.customer_id,
+        event.tier,
+        event.occurred_at,
+    )
+    return admission.Hold(plan["hold_amount"], prompt_tokens + event.max_tokens)
+
+
+# One statement, so one round trip and one implicit transaction: the request row, its outbox
+# row and its hold are written together or not at all. A repeated idempotency key writes none
+# of them (the hold and the outbox insert select from the request insert, which then returns
+# nothing). The hold is one UPDATE whose WHERE is the check, re-evaluated on the row's latest
+# version under its lock, so concurrent requests cannot both take the last of a budget. When
+# it takes nothing, intake.refuse_admission raises and the whole statement is undone.
 _ACCEPT_SQL = f"""
-WITH request AS (
+WITH plan AS ({_worst_case_sql("$18", "$11", "$2", "$3", "$12")}
+), hold AS (
+    SELECT p.*, (b.monthly_budget IS NOT NULL OR b.prepaid_balance IS NOT NULL
+                 OR p.quota_policy = 'refuse') AS held
+    FROM plan p JOIN intake.admission_balances b ON b.customer_id = $2
+), request AS (
     INSERT INTO intake.requests (request_id, customer_id, tier, region, model, api,
-        idempotency_key, request_sha256, prompt, messages, max_tokens, submitted_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+        idempotency_key, request_sha256, prompt, messages, max_tokens, submitted_at,
+        hold_amount, hold_tokens, hold_state)
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+        CASE WHEN h.held THEN h.hold_amount END,
+        CASE WHEN h.held THEN $18::bigint + $11 END,
+        CASE WHEN h.held THEN 'held' END
+    FROM hold h
     ON CONFLICT (customer_id, idempotency_key) DO NOTHING
     RETURNING *
+), taken AS (
+    UPDATE intake.admission_balances b SET
+        period = greatest(b.period, $19),
+        held = b.held + r.hold_amount,
+        period_held = CASE WHEN b.period < $19 THEN 0 ELSE b.period_held END + r.hold_amount,
+        period_settled = CASE WHEN b.period < $19 THEN 0 ELSE b.period_settled END,
+        period_tokens_held = CASE WHEN b.period < $19 THEN 0 ELSE b.period_tokens_held END
+            + r.hold_tokens,
+        period_tokens_used = CASE WHEN b.period < $19 THEN 0 ELSE b.period_tokens_used END,
+        updated_at = now()
+    FROM request r, plan p
+    WHERE b.customer_id = $2 AND r.hold_state = 'held'
+      AND (b.monthly_budget IS NULL OR r.hold_amount
+           + CASE WHEN b.period < $19 THEN 0 ELSE b.period_held + b.period_settled END
+           <= b.monthly_budget)
+      AND (b.prepaid_balance IS NULL OR b.held + r.hold_amount <= b.prepaid_balance)
+      AND (p.quota_policy <> 'refuse' OR r.hold_tokens
+           + CASE WHEN b.period < $19 THEN 0 ELSE b.period_tokens_used + b.period_tokens_held END
+           <= p.included_tokens_monthly)
+    RETURNING b.customer_id
 ), queued AS (
     INSERT INTO intake.outbox {OUTBOX_COLUMNS}
     SELECT $13, $14, $15, $16, $17 FROM request
 )
-SELECT * FROM request"""
+SELECT r.* FROM request r
+WHERE CASE WHEN r.hold_state IS NULL OR EXISTS (SELECT FROM taken) THEN true
+           ELSE intake.refuse_admission(r.customer_id) END"""
 
 
 async def _accept(
@@ -101,6 +181,7 @@ async def _accept(
     idempotency_key: str | None,
     request_sha256: str,
     streams: Streams,
+    prompt_tokens: int,
 ) -> asyncpg.Record | None:
     # The row keeps what the client sent; the event carries what the model is given.
     return await conn.fetchrow(
@@ -118,6 +199,8 @@ async def _accept(
         event.max_tokens,
         event.occurred_at,
         *outbox_values(streams.jobs(event.region), event),
+        prompt_tokens,
+        admission.period_of(event.occurred_at),
     )
 
 
@@ -198,19 +281,36 @@ async def mark_failed(conn: asyncpg.Connection, event: JobFailed) -> None:
         event.occurred_at,
         event.reason,
     )
+    # A failed job is never billed: give its hold back, once (the state moves only from held).
+    released = await conn.fetchrow(
+        "UPDATE intake.requests SET hold_state = 'released' "
+        "WHERE request_id = $1 AND hold_state = 'held' "
+        "RETURNING customer_id, submitted_at, hold_amount, hold_tokens, hold_state",
+        event.request_id,
+    )
+    if released is not None:
+        await admission.release(conn, released)
     await _notify_done(conn, event.request_id)
 
 
 async def mark_booked(conn: asyncpg.Connection, event: UsageBooked) -> None:
-    await conn.execute(
+    # Once per request (booked_at IS NULL), whatever the inbox let through: the charge is
+    # settled and the hold, if the request still had one, released in this same transaction.
+    booked = await conn.fetchrow(
         "UPDATE intake.requests SET booked_at = $2, revenue = $3, currency = $4, "
-        "booked_completion_event_id = $5 WHERE request_id = $1 AND booked_at IS NULL",
+        "booked_completion_event_id = $5, "
+        "hold_state = CASE WHEN hold_state = 'held' THEN 'settled' ELSE hold_state END "
+        "WHERE request_id = $1 AND booked_at IS NULL "
+        "RETURNING customer_id, submitted_at, hold_amount, hold_tokens, hold_state",
         event.request_id,
         event.occurred_at,
         event.revenue,
         event.currency,
         event.completion_event_id,
     )
+    if booked is not None:
+        tokens_used = event.prompt_tokens + event.completion_tokens
+        await admission.settle(conn, booked, event.revenue, tokens_used)
     # The booked completion may not have reached the intake yet; then mark_completed shows it
     # when it does.
     if event.completion_event_id is not None:

@@ -36,6 +36,8 @@ class Customer:
     name: str
     tier: str
     region: str
+    # A suspended customer's keys are refused (403) on every route, within the revocation time.
+    suspended: bool = False
 
 
 def digest(api_key: str) -> bytes:
@@ -47,8 +49,12 @@ async def create_customer(conn: asyncpg.Connection, name: str, tier: str, region
     if tier not in TIERS:
         raise ValueError(f"tier must be one of {', '.join(TIERS)}, not {tier!r}")
     customer = Customer(f"cus_{new_id()}", name, tier, region)
+    # Every customer has an admission balance (migration 0008) from its first moment: the
+    # admission statement updates that row, it never creates it.
     await conn.execute(
-        "INSERT INTO intake.customers (customer_id, name, tier, region) VALUES ($1, $2, $3, $4)",
+        "WITH customer AS (INSERT INTO intake.customers (customer_id, name, tier, region) "
+        "VALUES ($1, $2, $3, $4) RETURNING customer_id) "
+        "INSERT INTO intake.admission_balances (customer_id) SELECT customer_id FROM customer",
         customer.customer_id,
         name,
         tier,
@@ -150,7 +156,8 @@ def _check_text(value: str, what: str) -> None:
 
 async def _lookup(pool: asyncpg.Pool, key_sha256: bytes) -> Customer | None:
     row = await pool.fetchrow(
-        "SELECT c.customer_id, c.name, c.tier, c.region FROM intake.api_keys k "
+        "SELECT c.customer_id, c.name, c.tier, c.region, c.suspended_at IS NOT NULL AS suspended "
+        "FROM intake.api_keys k "
         "JOIN intake.customers c USING (customer_id) "
         "WHERE k.key_sha256 = $1 AND k.revoked_at IS NULL",
         key_sha256,

@@ -207,6 +207,10 @@ _ERROR_BODIES: dict[ErrorShape, tuple[str, type[BaseModel]]] = {
 _WHY: dict[int, str] = {
     400: "The request is invalid; the body names the field. Nothing was written or queued.",
     401: "The API key is missing, unknown or revoked.",
+    402: "The request's worst case (prompt and max_tokens at the plan's highest prices) does not "
+    "fit the customer's monthly budget, prepaid credit or free quota; the message says which "
+    "and by how much (code `insufficient_quota`). Nothing was written or queued.",
+    403: "The key's customer is suspended: its keys are refused until an operator resumes it.",
     404: "No such job for this key's customer; another customer's job is not found either.",
     409: "This Idempotency-Key was used before with a different body; nothing was queued.",
     413: "The request body is over the size limit; nothing was written or queued.",
@@ -242,13 +246,15 @@ class Operation:
     errors_as: ErrorShape = "problem"
     errors: tuple[int, ...] = ()
     request: Api | None = None
+    # Why an error is sent, where a route's reason differs from the usual one (_WHY).
+    why: dict[int, str] = field(default_factory=dict)
 
 
 _LOCATION = {"Location": "Where the job can be read: `/v1/jobs/{id}`."}
 # Any /v1 request can meet a draining intake (503, or 504 past the drain's time) or an
 # outage of the storage (503).
 _UNAVAILABLE = (503, 504)
-_BODY_ERRORS = (400, 401, 409, 413, 415, *_UNAVAILABLE)
+_BODY_ERRORS = (400, 401, 402, 403, 409, 413, 415, *_UNAVAILABLE)
 OPERATIONS: dict[tuple[str, str], Operation] = {
     ("post", "/v1/jobs"): Operation(
         {
@@ -262,7 +268,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "jobs",
     ),
     ("get", "/v1/jobs/{job_id}"): Operation(
-        {200: Answer("The job.", JobView)}, "problem", (400, 401, 404, *_UNAVAILABLE)
+        {200: Answer("The job.", JobView)}, "problem", (400, 401, 403, 404, *_UNAVAILABLE)
     ),
     ("post", "/v1/chat/completions"): Operation(
         {200: Answer("The completion.", ChatCompletion)}, "openai", _BODY_ERRORS, "chat"
@@ -274,12 +280,12 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "completions",
     ),
     ("get", "/v1/models"): Operation(
-        {200: Answer("The models served.", ModelList)}, "openai", (401, *_UNAVAILABLE)
+        {200: Answer("The models served.", ModelList)}, "openai", (401, 403, *_UNAVAILABLE)
     ),
     ("get", "/v1/usage"): Operation(
         {200: Answer("Usage by tier for this key's customer.", UsageReport)},
         "problem",
-        (401, *_UNAVAILABLE),
+        (401, 403, *_UNAVAILABLE),
     ),
     # The probes take no key. /readyz and /metrics come with the probes (tokenmill.intake
     # .probes); a route that is not there is not described.
@@ -312,7 +318,7 @@ _EXAMPLES: dict[Api, dict[str, Any]] = {
 }
 # Some message must have text that is not whitespace.
 _SOME_TEXT = r"\S"
-_MODELS: tuple[type[BaseModel], ...] = (
+_MODELS: list[type[BaseModel]] = [
     JobView,
     ChatCompletion,
     TextCompletion,
@@ -322,7 +328,14 @@ _MODELS: tuple[type[BaseModel], ...] = (
     Problem,
     Liveness,
     Readiness,
-)
+]
+
+
+def declare(operations: dict[tuple[str, str], Operation], models: tuple[type[BaseModel], ...]):
+    """Describe more routes (an admin module's): what each answers, and the body models."""
+    assert not operations.keys() & OPERATIONS.keys(), "a route is described once"
+    OPERATIONS.update(operations)
+    _MODELS.extend(models)
 
 
 def install(app: FastAPI, settings: Settings) -> None:
@@ -360,7 +373,7 @@ def _describe(operation: dict[str, Any], spec: Operation) -> None:
     responses = {str(status): _response(answer) for status, answer in spec.answers.items()}
     media_type, error_model = _ERROR_BODIES[spec.errors_as]
     for status in spec.errors:
-        error = Answer(_WHY[status], error_model, _HEADERS.get(status, {}))
+        error = Answer(spec.why.get(status, _WHY[status]), error_model, _HEADERS.get(status, {}))
         responses[str(status)] = _response(error, media_type)
     operation["responses"] = responses
     if spec.request is not None:

@@ -119,9 +119,10 @@ def prompt_chars(request: GenerationRequest) -> int:
     return len(request.prompt or "") + sum(len(m.content) for m in request.messages or [])
 
 
-def check_fits(request: GenerationRequest, api: Api, tokenizer: TokenCounter) -> None:
+def check_fits(request: GenerationRequest, api: Api, tokenizer: TokenCounter) -> int:
     """Refuse a validated request whose prompt leaves no room for max_tokens in the model's
-    context, counted as the worker will count it."""
+    context, counted as the worker will count it; return the prompt's tokens (admission
+    holds their price)."""
     prompt, messages = model_input(request, api)
     prompt_tokens = tokenizer.count(
         prompt, None if messages is None else [m.model_dump() for m in messages]
@@ -133,6 +134,7 @@ def check_fits(request: GenerationRequest, api: Api, tokenizer: TokenCounter) ->
             f"together they must fit the model's context of {tokenizer.context_tokens} tokens",
             "messages" if request.messages is not None else "prompt",
         )
+    return prompt_tokens
 
 
 def _max_tokens(request: GenerationRequest, api: Api, settings: Settings) -> int:

@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PYTEST := $(BIN)/python -m pytest
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test unit integration e2e test-slow lint format bench clean
+.PHONY: install run test unit integration e2e test-slow lint format bench bench-books clean
 
 install: $(STAMP)
 
@@ -50,6 +50,11 @@ format: install
 
 bench: install
 	$(BIN)/python -m bench.intake
+
+# The ledger's booking rate from the real stream (N=100,000 completions, exactly once, with
+# their postings) beside a raw COPY of as many usage rows; see bench/books.py.
+bench-books: install
+	$(BIN)/python -m bench.books
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -37,6 +37,7 @@ DATA_FIELD = b"__data__"
 class Entry:
     event: Event
     delivery: Delivery
+    body: bytes  # Exactly as signed: what an append-only log should keep.
 
 
 BatchHandler = Callable[[list[Entry]], Awaitable[None]]
@@ -194,7 +195,7 @@ class Consumer:
         except (ValidationError, ValueError) as exc:
             await delivery.dead_letter(f"malformed event: {exc}", body, headers)
             return None
-        return Entry(event, delivery)
+        return Entry(event, delivery, body)
 
 
 def _unpack(fields: dict[bytes, bytes]) -> tuple[bytes, dict[str, str]]:

@@ -82,7 +82,7 @@ def verdict(done: JobCompleted, outcome: str = "defective") -> QualityVerdict:
 async def book(pool: asyncpg.Pool, *events: JobCompleted) -> list[books.Booking]:
     async with pool.acquire() as conn, conn.transaction():
         return await books.book_completions(
-            conn, [(e, "test.completions") for e in events], BOOKED_STREAM, SLO
+            conn, [books.Logged(e, "test.completions") for e in events], BOOKED_STREAM, SLO
         )
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from typing import NamedTuple
 
 import asyncpg
 
@@ -75,25 +76,38 @@ class SloPolicy:
 NO_SLO = SloPolicy({}, {})
 
 
+class Logged(NamedTuple):
+    """An event as the ledger received it: from `stream`, with the exact text its producer
+    signed. The log keeps that text, fields this version does not know included; None means
+    the event's canonical JSON, the same text for the platform's own producers."""
+
+    event: Event
+    stream: str
+    body: str | None = None
+
+    def text(self) -> str:
+        return self.event.canonical_json() if self.body is None else self.body
+
+
 async def append_event(conn: asyncpg.Connection, event: Event, stream: str) -> bool:
     """Append `event` to the log; False if it is already there (a redelivery)."""
-    return bool(await append_events(conn, [(event, stream)]))
+    return bool(await append_events(conn, [Logged(event, stream)]))
 
 
-async def append_events(conn: asyncpg.Connection, logged: Sequence[tuple[Event, str]]) -> set[str]:
-    """Append each (event, stream) to the log in one statement; return the ids that were new."""
+async def append_events(conn: asyncpg.Connection, logged: Sequence[Logged]) -> set[str]:
+    """Append each event to the log in one statement; return the ids that were new."""
     rows = await conn.fetch(
         "INSERT INTO ledger.events (event_id, event_type, stream, customer_id, request_id, "
         "occurred_at, body) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], "
         "$4::text[], $5::text[], $6::timestamptz[], $7::text[]) "
         "ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
-        [e.event_id for e, _ in logged],
-        [e.type for e, _ in logged],
-        [stream for _, stream in logged],
-        [e.customer_id for e, _ in logged],
-        [e.request_id for e, _ in logged],
-        [e.occurred_at for e, _ in logged],
-        [e.canonical_json() for e, _ in logged],
+        [x.event.event_id for x in logged],
+        [x.event.type for x in logged],
+        [x.stream for x in logged],
+        [x.event.customer_id for x in logged],
+        [x.event.request_id for x in logged],
+        [x.event.occurred_at for x in logged],
+        [x.text() for x in logged],
     )
     return {r["event_id"] for r in rows}
 
@@ -318,11 +332,11 @@ async def give_credits(conn: asyncpg.Connection, credits: list[Credit]) -> int:
 
 async def book_completions(
     conn: asyncpg.Connection,
-    completions: Sequence[tuple[JobCompleted, str]],
+    completions: Sequence[Logged],
     booked_stream: str,
     slo: SloPolicy = NO_SLO,
 ) -> list[Booking]:
-    """Log and book each (completion, stream) once, in the caller's transaction.
+    """Log and book each completion once, in the caller's transaction.
 
     Only the first completion of a request the ledger sees is billed: a worker that died
     after publishing but before acknowledging runs the job again and publishes a second
@@ -332,7 +346,8 @@ async def book_completions(
     assert conn.is_in_transaction(), "the log append and the books commit together"
     new_ids = await append_events(conn, completions)
     fresh: dict[str, JobCompleted] = {}
-    for event, _ in completions:
+    for event, *_ in completions:
+        assert isinstance(event, JobCompleted), event
         if event.event_id in new_ids and event.request_id not in fresh:
             fresh[event.request_id] = event
     if not fresh:

@@ -30,12 +30,9 @@ async def wire(rt: service.Runtime):
                 await books.record_prepaid(conn, event)
 
     async def on_completions(batch: list[Entry]) -> None:
-        completions = [
-            (e.event, e.delivery.stream) for e in batch if isinstance(e.event, JobCompleted)
-        ]
-        others = [
-            (e.event, e.delivery.stream) for e in batch if not isinstance(e.event, JobCompleted)
-        ]
+        logged = [books.Logged(e.event, e.delivery.stream, e.body.decode()) for e in batch]
+        completions = [x for x in logged if isinstance(x.event, JobCompleted)]
+        others = [x for x in logged if not isinstance(x.event, JobCompleted)]
         async with rt.db.acquire() as conn, conn.transaction():
             # Failed jobs and other events of the completions stream are only logged.
             await books.append_events(conn, others)

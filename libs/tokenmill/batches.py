@@ -65,6 +65,11 @@ async def consume_batches(
             await consumer.read()
         except RedisError as exc:
             await consumer.backoff.failed(exc)
+        except Exception:
+            # A bug outside the handler (which has its own fallback) must not end the loop:
+            # nothing was acknowledged, so every entry comes back through the claimer.
+            log.exception("batch consumer %s on %s", group, stream)
+            await asyncio.sleep(POLL_INTERVAL_MS / 1000)
 
 
 class Consumer:

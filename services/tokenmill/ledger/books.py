@@ -96,6 +96,8 @@ async def append_event(conn: asyncpg.Connection, event: Event, stream: str) -> b
 
 async def append_events(conn: asyncpg.Connection, logged: Sequence[Logged]) -> set[str]:
     """Append each event to the log in one statement; return the ids that were new."""
+    if not logged:
+        return set()
     rows = await conn.fetch(
         "INSERT INTO ledger.events (event_id, event_type, stream, customer_id, request_id, "
         "occurred_at, body) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -24,6 +25,11 @@ from tokenmill.settings import Settings
 
 # Back to the tier's public plan (ledger.customer_plans.plan_id NULL).
 TIER_PLAN = "tier"
+# What ledger.price_plans accepts as a plan name (its CHECK), and sane bounds on numbers, so
+# bad input is a clear refusal here, never a database error.
+PLAN_ID = re.compile(r"^[a-z0-9][a-z0-9:._-]{0,63}$")
+TOKENS_MAX = 2**62
+PRICE_PER_MTOK_MAX = Decimal(1_000_000_000)
 
 
 class PriceError(Exception):
@@ -39,8 +45,10 @@ def parse_price(text: str, what: str) -> Decimal:
         price = Decimal(text.strip())
     except InvalidOperation:
         raise PriceError(400, "bad_price", f"{what}: {text!r} is not a decimal number") from None
-    if not price.is_finite():
-        raise PriceError(400, "bad_price", f"{what}: {text!r} is not a finite number")
+    if not price.is_finite() or abs(price) >= PRICE_PER_MTOK_MAX:
+        raise PriceError(
+            400, "bad_price", f"{what}: {text!r} is not a price below {PRICE_PER_MTOK_MAX:,}"
+        )
     return price
 
 
@@ -83,10 +91,16 @@ def plan_version(
     missing = [c for c in TOKEN_CLASSES if not bands.get(c)]
     if missing:
         raise PriceError(400, "missing_price", f"no price for {', '.join(missing)}")
+    limits = [b.up_to_tokens for c in TOKEN_CLASSES for b in bands[c]]
     checks = (
+        (bool(PLAN_ID.match(plan_id)), "plan: lower-case letters, digits and :._- (64 at most)"),
+        (
+            all(u is None or (type(u) is int and 0 < u <= TOKENS_MAX) for u in limits),
+            f"band limits are whole numbers of tokens, 1 to {TOKENS_MAX}",
+        ),
+        (0 <= included_tokens_monthly <= TOKENS_MAX, f"included tokens: 0 to {TOKENS_MAX}"),
         (tiers_mode in ("graduated", "volume"), "mode must be graduated or volume"),
         (quota_policy in ("charge", "refuse"), "quota must be charge or refuse"),
-        (included_tokens_monthly >= 0, "included tokens cannot be negative"),
         (len(currency) == 3 and currency.isalpha() and currency.isupper(), "currency: e.g. USD"),
         (1 <= len(version) <= 64, "version needs 1 to 64 characters"),
     )

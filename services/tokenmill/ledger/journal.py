@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import NamedTuple
 
 import asyncpg
 
@@ -51,8 +52,10 @@ def prepaid(customer_id: str) -> str:
     return f"customer:{customer_id}:prepaid"
 
 
-@dataclass(frozen=True)
-class Leg:
+class Leg(NamedTuple):
+    """One side of a posting. A tuple, not a dataclass: a booking makes eight of them per
+    request, and tuple construction is several times cheaper."""
+
     account_id: str
     amount: Decimal
     currency: str

@@ -268,6 +268,36 @@ async def test_database_refuses_an_unbalanced_posting_at_commit(pool: asyncpg.Po
         assert not conn.is_in_transaction()  # The failed commit rolled it all back.
 
 
+async def test_database_checks_every_posting_whatever_order_their_ids_come_in(pool: asyncpg.Pool):
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO ledger.accounts VALUES ('cash', 'asset', 'USD') ON CONFLICT DO NOTHING"
+        )
+        low, high = await conn.fetchval(
+            "SELECT array_agg(nextval(pg_get_serial_sequence('ledger.postings', 'posting_id'))) "
+            "FROM generate_series(1, 2)"
+        )
+        transaction = conn.transaction()
+        await transaction.start()
+        # The balanced posting first, with the higher id; then an unbalanced one below it.
+        for posting_id, amounts in ((high, (5, -5)), (low, (5, -4))):
+            await conn.execute(
+                "INSERT INTO ledger.postings (posting_id, event_id, kind, description, "
+                "effective_at) VALUES ($1, $2, 'usage', 'ordered', now())",
+                posting_id,
+                new_id(),
+            )
+            for leg_no, amount in enumerate(amounts, start=1):
+                await conn.execute(
+                    "INSERT INTO ledger.posting_legs VALUES ($1, $2, 'cash', $3, 'USD')",
+                    posting_id,
+                    leg_no,
+                    amount,
+                )
+        with pytest.raises(asyncpg.CheckViolationError, match=f"posting {low} does not balance"):
+            await transaction.commit()
+
+
 async def test_database_refuses_changes_to_postings_and_legs(pool: asyncpg.Pool):
     customer = f"cus_{new_id()}"
     await book(pool, completion(customer))

@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PYTEST := $(BIN)/python -m pytest
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test unit integration e2e test-slow lint format bench bench-admission clean
+.PHONY: install run test unit integration e2e test-slow lint format bench bench-admission bench-books clean
 
 install: $(STAMP)
 
@@ -54,6 +54,10 @@ bench: install
 # Only the cost of admission holds: accepted jobs/s with a budget beside postpaid (no model).
 bench-admission: install
 	$(BIN)/python -m bench.intake --admission-only
+# The ledger's booking rate from the real stream (N=100,000 completions, exactly once, with
+# their postings) beside a raw COPY of as many usage rows; see bench/books.py.
+bench-books: install
+	$(BIN)/python -m bench.books
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -149,6 +149,19 @@ class Settings:
     # (admin.token) when none is configured; an intake without one answers 403 on admin routes.
     admin_token: str = ""
 
+    # The journal (issue 5). The ledger books completions in batches of up to
+    # `ledger_batch_max` stream entries per transaction: one event per transaction cannot keep
+    # up with a factory's completions. A batch that fails is retried one entry at a time, so
+    # one bad entry never holds back its neighbours.
+    ledger_batch_max: int = 1000
+    # Latency objectives per tier: a booked completion whose time to first token exceeded its
+    # tier's objective is credited that share of its charge, once (reason slo_ttft). 0 ms means
+    # the tier has no objective. Shares are exact decimals, written as strings.
+    slo_ttft_ms_premium: float = 2000.0
+    slo_ttft_credit_share_premium: str = "0.10"
+    slo_ttft_ms_standard: float = 10000.0
+    slo_ttft_credit_share_standard: str = "0.05"
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
         env = os.environ if environ is None else environ

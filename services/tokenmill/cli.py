@@ -25,6 +25,7 @@ from tokenmill.db import migrate
 from tokenmill.embedded import EmbeddedInfra, die_with_parent
 from tokenmill.intake import admin, customer_commands
 from tokenmill.intake.admin_api import ADMIN_PREFIX, ADMIN_TOKEN_FILE, with_admin_token
+from tokenmill.ledger import prices
 from tokenmill.settings import ENV_PREFIX, Settings
 from tokenmill.signing import SigningKeyError, SigningKeys, with_local_key
 from tokenmill.streams import Streams, create_groups
@@ -364,6 +365,15 @@ def cmd_accounts(settings: Settings, args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def cmd_prices(settings: Settings, args: argparse.Namespace) -> None:
+    with infrastructure(settings) as resolved:
+        asyncio.run(bootstrap(resolved))
+        try:
+            print(asyncio.run(prices.command(resolved, args)))
+        except prices.PriceError as exc:
+            raise SystemExit(f"tokenmill prices {args.prices_command}: {exc.message}") from None
+
+
 def cmd_dlq(settings: Settings, args: argparse.Namespace) -> None:
     with infrastructure(with_local_key(settings)) as resolved:
         try:
@@ -395,6 +405,7 @@ def parser() -> argparse.ArgumentParser:
     admin.add_commands(keys)
     customer_commands.add_commands(commands)
     deadletters.add_commands(commands)
+    prices.add_commands(commands)
     return root
 
 
@@ -408,6 +419,7 @@ def main(argv: list[str] | None = None) -> None:
         "keys": cmd_keys,
         "dlq": cmd_dlq,
         **{name: cmd_accounts for name in customer_commands.COMMANDS},
+        "prices": cmd_prices,
     }
     try:
         handlers[args.command](Settings.from_env(), args)

@@ -14,7 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill import service, tokenizer
-from tokenmill.intake import admin_customers, admission, jobs, openapi, probes, views
+from tokenmill.intake import admin_customers, admin_prices, admission, jobs, openapi, probes, views
 from tokenmill.intake.admin_api import ADMIN_PREFIX, AdminDependencies
 from tokenmill.intake.errors import ApiError, answering, error_response
 from tokenmill.intake.keys import Customer, KeyCache
@@ -111,6 +111,7 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
 
     app = FastAPI(title="tokenmill intake", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
+    app.include_router(admin_prices.router, prefix=ADMIN_PREFIX, dependencies=AdminDependencies)
     openapi.install(app, settings)
     too_large = ApiError(
         413, "body_too_large", f"the request body is over {settings.request_body_bytes_max} bytes"

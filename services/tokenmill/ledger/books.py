@@ -1,43 +1,135 @@
-"""The ledger's writes: every event into the append-only log, and each request's books."""
+"""The ledger's writes: every event into the append-only log, and each request's books.
+
+A completion is booked once, in the transaction that logs it (the log's ON CONFLICT is the
+duplicate check): its rating under the plan in force when it was submitted goes into
+ledger.request_usage, its revenue and cost into the journal as one balanced posting, and the
+credits it earns (a defective verdict recorded before it, a missed latency objective) into
+ledger.credits with their postings. Completions are booked in batches (`book_completions`):
+one transaction, a few set-based statements, whatever the batch's size.
+"""
 
 from __future__ import annotations
 
-from datetime import datetime
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import NamedTuple
 
 import asyncpg
 
-from tokenmill.events import Event, JobCompleted, PowerSample, QualityVerdict, UsageBooked
-from tokenmill.ledger.pricing import (
-    CostRates,
-    TierPrices,
-    Usage,
-    book_request,
-    device_class,
-    revenue,
+from tokenmill.events import (
+    Event,
+    JobCompleted,
+    PowerSample,
+    PrepaidCreditAdded,
+    QualityVerdict,
+    UsageBooked,
+    new_id,
 )
-from tokenmill.outbox import enqueue
+from tokenmill.ledger import journal
+from tokenmill.ledger.journal import Posting
+from tokenmill.ledger.plans import versions_in_force
+from tokenmill.ledger.pricing import CostRates, TierPrices, Usage, compute_cost, device_class
+from tokenmill.ledger.pricing import energy_cost as energy_cost_of
+from tokenmill.ledger.rating import (
+    TOKEN_CLASSES,
+    PeriodPosition,
+    PlanVersion,
+    RequestCharge,
+    TokenCounts,
+    rate_request,
+)
+from tokenmill.money import quantize_amount
+from tokenmill.outbox import OUTBOX_COLUMNS, outbox_values
+from tokenmill.settings import Settings
 
 SCHEMA = "ledger"
 
 
+@dataclass(frozen=True)
+class SloPolicy:
+    """Per tier: the time-to-first-token objective (ms; 0 = none) and the share of the charge
+    credited when a completion misses it."""
+
+    ttft_ms_max: dict[str, float]
+    credit_share: dict[str, Decimal]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SloPolicy:
+        tiers = ("premium", "standard")
+        policy = cls(
+            {t: getattr(settings, f"slo_ttft_ms_{t}") for t in tiers},
+            {t: Decimal(getattr(settings, f"slo_ttft_credit_share_{t}")) for t in tiers},
+        )
+        assert all(0 <= share <= 1 for share in policy.credit_share.values()), policy
+        return policy
+
+    def ttft_credit(self, event: JobCompleted, charge: Decimal) -> Decimal:
+        """What a completion is credited for a missed TTFT objective (0 if none was missed)."""
+        objective = self.ttft_ms_max.get(event.tier, 0)
+        if objective <= 0 or event.ttft_ms <= objective or charge <= 0:
+            return Decimal(0)
+        return quantize_amount(charge * self.credit_share[event.tier])
+
+
+NO_SLO = SloPolicy({}, {})
+
+
+class Logged(NamedTuple):
+    """An event as the ledger received it: from `stream`, with the exact text its producer
+    signed. The log keeps that text, fields this version does not know included; None means
+    the event's canonical JSON, the same text for the platform's own producers."""
+
+    event: Event
+    stream: str
+    body: str | None = None
+
+    def text(self) -> str:
+        return self.event.canonical_json() if self.body is None else self.body
+
+
 async def append_event(conn: asyncpg.Connection, event: Event, stream: str) -> bool:
     """Append `event` to the log; False if it is already there (a redelivery)."""
-    seq = await conn.fetchval(
+    return bool(await append_events(conn, [Logged(event, stream)]))
+
+
+async def append_events(conn: asyncpg.Connection, logged: Sequence[Logged]) -> set[str]:
+    """Append each event to the log in one statement; return the ids that were new."""
+    if not logged:
+        return set()
+    rows = await conn.fetch(
         "INSERT INTO ledger.events (event_id, event_type, stream, customer_id, request_id, "
-        "occurred_at, body) VALUES ($1, $2, $3, $4, $5, $6, $7) "
-        "ON CONFLICT (event_id) DO NOTHING RETURNING seq",
-        event.event_id,
-        event.type,
-        stream,
-        event.customer_id,
-        event.request_id,
-        event.occurred_at,
-        event.canonical_json(),
+        "occurred_at, body) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], "
+        "$4::text[], $5::text[], $6::timestamptz[], $7::text[]) "
+        "ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+        [x.event.event_id for x in logged],
+        [x.event.type for x in logged],
+        [x.stream for x in logged],
+        [x.event.customer_id for x in logged],
+        [x.event.request_id for x in logged],
+        [x.event.occurred_at for x in logged],
+        [x.text() for x in logged],
     )
-    return seq is not None
+    return {r["event_id"] for r in rows}
+
+
+async def lock_customers(conn: asyncpg.Connection, customer_ids: Iterable[str]) -> None:
+    """Serialize this transaction's books of these customers with any other's.
+
+    A verdict and its completion can be applied at once by two transactions; each would miss
+    the other's uncommitted row and the credit would never be given. Both take this lock
+    first, so the second sees the first's commit. Taken in sorted order: no deadlocks.
+    """
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended('ledger.customer:' || c, 0)) "
+        "FROM unnest($1::text[]) AS c ORDER BY c",
+        sorted(set(customer_ids)),
+    )
 
 
 async def prices_at(conn: asyncpg.Connection, tier: str, at: datetime) -> TierPrices:
+    """The old price book's prices (before price plans); kept readable for audits."""
     rows = await conn.fetch(
         "SELECT DISTINCT ON (token_class) token_class, price_per_mtok, currency, version "
         "FROM ledger.price_book WHERE tier = $1 AND effective_from <= $2 "
@@ -56,91 +148,401 @@ async def prices_at(conn: asyncpg.Connection, tier: str, at: datetime) -> TierPr
     )
 
 
-async def rates_at(conn: asyncpg.Connection, device: str, at: datetime) -> CostRates:
-    row = await conn.fetchrow(
-        "SELECT version, currency, energy_price_per_kwh, pue, compute_price_per_hour "
-        "FROM ledger.cost_rates WHERE device_class = $1 AND effective_from <= $2 "
-        "ORDER BY effective_from DESC LIMIT 1",
-        device_class(device),
-        at,
-    )
-    if row is None:
+class CostRateBook:
+    """Every version of the cost rates (a handful of rows), read once per batch."""
+
+    def __init__(self, rows: list[asyncpg.Record]) -> None:
+        self._rows = sorted(rows, key=lambda r: r["effective_from"], reverse=True)
+
+    @classmethod
+    async def read(cls, conn: asyncpg.Connection) -> CostRateBook:
+        return cls(await conn.fetch("SELECT * FROM ledger.cost_rates"))
+
+    def at(self, device: str, at: datetime) -> CostRates:
+        wanted = device_class(device)
+        for r in self._rows:
+            if r["device_class"] == wanted and r["effective_from"] <= at:
+                return CostRates(**{f: r[f] for f in CostRates.__dataclass_fields__})
         raise LookupError(f"no cost rates for {device!r} at {at.isoformat()}")
-    return CostRates(**dict(row))
 
 
-async def book_completion(
-    conn: asyncpg.Connection, event: JobCompleted, booked_stream: str
-) -> bool:
-    """Book one completed request once; later completions of the same request are ignored.
+async def rates_at(conn: asyncpg.Connection, device: str, at: datetime) -> CostRates:
+    return (await CostRateBook.read(conn)).at(device, at)
 
-    A worker that died after publishing but before acknowledging runs the job again and
-    publishes a second completion with a new event id. The request id is the business key, so
-    only the first completion the ledger sees is ever billed, and that completion is the
-    request's canonical one: UsageBooked names it, the intake shows its output, and only its
-    verdict counts for the request.
+
+def period_of(at: datetime) -> date:
+    """The billing period (calendar month, UTC) a request submitted at `at` belongs to."""
+    utc = at.astimezone(UTC)
+    return date(utc.year, utc.month, 1)
+
+
+def token_counts(event: JobCompleted) -> TokenCounts:
+    if not 0 <= event.cached_prompt_tokens <= event.prompt_tokens:
+        raise ValueError(
+            f"cached_prompt_tokens {event.cached_prompt_tokens} not within prompt_tokens "
+            f"{event.prompt_tokens}"
+        )
+    return TokenCounts(
+        input=event.prompt_tokens - event.cached_prompt_tokens,
+        cached_input=event.cached_prompt_tokens,
+        output=event.completion_tokens,
+    )
+
+
+@dataclass
+class Booking:
+    """One completion's books, before they are written."""
+
+    event: JobCompleted
+    plan: PlanVersion
+    rates: CostRates
+    charge: RequestCharge
+    energy_cost: Decimal
+    compute_cost: Decimal
+    prepaid_drawn: Decimal
+
+    @property
+    def revenue(self) -> Decimal:
+        return self.charge.total
+
+    @property
+    def cost(self) -> Decimal:
+        return self.energy_cost + self.compute_cost
+
+    @property
+    def price_version(self) -> str:
+        return f"plan {self.plan.plan_id} {self.plan.version}; rates {self.rates.version}"
+
+    def posting(self) -> Posting | None:
+        """Revenue by tier and token class against the customer (prepaid first, then
+        receivable), and the cost of making it against what the factory owes for it."""
+        e, currency = self.event, self.plan.currency
+        revenue_legs = journal.legs(
+            currency,
+            (journal.prepaid(e.customer_id), self.prepaid_drawn),
+            (journal.receivable(e.customer_id), self.revenue - self.prepaid_drawn),
+            *((f"revenue:{e.tier}:{c}", -self.charge.amounts[c]) for c in TOKEN_CLASSES),
+        )
+        cost_legs = journal.legs(
+            self.rates.currency,
+            ("expense:energy", self.energy_cost),
+            ("accrued:energy", -self.energy_cost),
+            ("expense:compute", self.compute_cost),
+            ("accrued:compute", -self.compute_cost),
+        )
+        if not revenue_legs + cost_legs:
+            return None
+        return Posting(
+            event_id=e.event_id,
+            kind="usage",
+            description=f"usage of {e.model} ({e.tier}), {self.price_version}",
+            effective_at=e.occurred_at,
+            legs=revenue_legs + cost_legs,
+            customer_id=e.customer_id,
+            request_id=e.request_id,
+        )
+
+    def usage_row(self) -> tuple:
+        e, c = self.event, self.charge
+        return (
+            e.request_id, e.event_id, e.customer_id, e.tier, e.region, e.model, e.device,
+            e.prompt_tokens, e.completion_tokens, e.cached_prompt_tokens, e.energy.energy_j,
+            e.energy.meter, e.energy.estimated, e.compute_s, self.energy_cost,
+            self.compute_cost, self.cost, self.revenue, self.revenue - self.cost,
+            self.plan.currency, self.price_version, e.submitted_at, e.occurred_at,
+            self.plan.plan_id, self.plan.version, c.charged.input, c.charged.cached_input,
+            c.charged.output, c.amounts["input"], c.amounts["cached_input"], c.amounts["output"],
+        )  # fmt: skip
+
+    def booked_event(self) -> UsageBooked:
+        e = self.event
+        return UsageBooked(
+            **e.envelope_for("ledger"),
+            tier=e.tier,
+            prompt_tokens=e.prompt_tokens,
+            completion_tokens=e.completion_tokens,
+            energy_j=e.energy.energy_j,
+            cost=self.cost,
+            revenue=self.revenue,
+            currency=self.plan.currency,
+            price_version=self.price_version,
+            completion_event_id=e.event_id,
+        )
+
+
+USAGE_COLUMNS = [
+    "request_id", "completion_event_id", "customer_id", "tier", "region", "model", "device",
+    "prompt_tokens", "completion_tokens", "cached_prompt_tokens", "energy_j", "meter",
+    "energy_estimated", "compute_s", "energy_cost", "compute_cost", "cost", "revenue", "margin",
+    "currency", "price_version", "submitted_at", "completed_at", "plan_id", "plan_version",
+    "charged_input_tokens", "charged_cached_input_tokens", "charged_output_tokens",
+    "revenue_input", "revenue_cached_input", "revenue_output",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Credit:
+    """A credit to give: `amount` of a request's charge back to its customer, for `reason`."""
+
+    customer_id: str
+    request_id: str
+    reason: str
+    amount: Decimal
+    currency: str
+    event_id: str
+    effective_at: datetime
+
+    def posting(self) -> Posting:
+        return Posting(
+            event_id=self.event_id,
+            kind=f"credit:{self.reason}",
+            description=f"credit ({self.reason}) for request {self.request_id}",
+            effective_at=self.effective_at,
+            legs=journal.legs(
+                self.currency,
+                (f"credits:{self.reason}", self.amount),
+                (journal.receivable(self.customer_id), -self.amount),
+            ),
+            customer_id=self.customer_id,
+            request_id=self.request_id,
+        )
+
+
+async def give_credits(conn: asyncpg.Connection, credits: list[Credit]) -> int:
+    """Insert `credits` and post each one that is new; a (request, reason) credited before is
+    skipped, so a credit is given once whatever order or how often its events come."""
+    credits = [c for c in credits if c.amount > 0]
+    if not credits:
+        return 0
+    rows = await conn.fetch(
+        "INSERT INTO ledger.credits (credit_id, customer_id, request_id, reason, amount, "
+        "currency, event_id) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], "
+        "$4::text[], $5::numeric[], $6::text[], $7::text[]) "
+        "ON CONFLICT (request_id, reason) DO NOTHING RETURNING request_id, reason",
+        [new_id() for _ in credits],
+        [c.customer_id for c in credits],
+        [c.request_id for c in credits],
+        [c.reason for c in credits],
+        [c.amount for c in credits],
+        [c.currency for c in credits],
+        [c.event_id for c in credits],
+    )
+    given = {(r["request_id"], r["reason"]) for r in rows}
+    await journal.write(conn, [c.posting() for c in credits if (c.request_id, c.reason) in given])
+    return len(given)
+
+
+async def book_completions(
+    conn: asyncpg.Connection,
+    completions: Sequence[Logged],
+    booked_stream: str,
+    slo: SloPolicy = NO_SLO,
+) -> list[Booking]:
+    """Log and book each completion once, in the caller's transaction.
+
+    Only the first completion of a request the ledger sees is billed: a worker that died
+    after publishing but before acknowledging runs the job again and publishes a second
+    completion with a new event id. That first completion is the request's canonical one:
+    UsageBooked names it, the intake shows its output, and only its verdict counts.
     """
-    usage = Usage(
-        event.prompt_tokens, event.completion_tokens, event.energy.energy_j, event.compute_s
+    assert conn.is_in_transaction(), "the log append and the books commit together"
+    new_ids = await append_events(conn, completions)
+    fresh: dict[str, JobCompleted] = {}
+    for event, *_ in completions:
+        assert isinstance(event, JobCompleted), event
+        if event.event_id in new_ids and event.request_id not in fresh:
+            fresh[event.request_id] = event
+    if not fresh:
+        return []
+    await lock_customers(conn, (e.customer_id for e in fresh.values()))
+    already = await conn.fetch(
+        "SELECT request_id FROM ledger.request_usage WHERE request_id = ANY($1::text[])",
+        list(fresh),
     )
-    prices = await prices_at(conn, event.tier, event.submitted_at)
-    rates = await rates_at(conn, event.device, event.submitted_at)
-    books = book_request(usage, prices, rates)
-    inserted = await conn.fetchval(
-        "INSERT INTO ledger.request_usage (request_id, completion_event_id, customer_id, tier, "
-        "region, model, device, prompt_tokens, completion_tokens, energy_j, meter, "
-        "energy_estimated, compute_s, energy_cost, compute_cost, cost, revenue, margin, "
-        "currency, price_version, submitted_at, completed_at, plan_id, plan_version, "
-        "charged_input_tokens, charged_output_tokens, revenue_input, revenue_output) "
-        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, "
-        "$18, $19, $20, $21, $22, 'tier:' || $4, $23, $8, $9, $24::numeric, $17::numeric - $24) "
-        "ON CONFLICT (request_id) DO NOTHING RETURNING true",
-        event.request_id,
-        event.event_id,
-        event.customer_id,
-        event.tier,
-        event.region,
-        event.model,
-        event.device,
-        event.prompt_tokens,
-        event.completion_tokens,
-        event.energy.energy_j,
-        event.energy.meter,
-        event.energy.estimated,
-        event.compute_s,
-        books.energy_cost,
-        books.compute_cost,
-        books.cost,
-        books.revenue,
-        books.margin,
-        books.currency,
-        books.price_version,
-        event.submitted_at,
+    for row in already:
+        del fresh[row["request_id"]]
+    events = list(fresh.values())
+    if not events:
+        return []
+    bookings = await _rate(conn, events)
+    await _write_bookings(conn, bookings, booked_stream)
+    await give_credits(conn, await _credits_at_booking(conn, bookings, slo))
+    return bookings
+
+
+async def _rate(conn: asyncpg.Connection, events: list[JobCompleted]) -> list[Booking]:
+    """Rate `events` in order against their periods' positions, and draw prepaid credit."""
+    plans = await versions_in_force(conn, [(e.customer_id, e.tier, e.submitted_at) for e in events])
+    rate_book = await CostRateBook.read(conn)
+    positions = await _lock_positions(
+        conn, {(e.customer_id, period_of(e.submitted_at)) for e in events}
+    )
+    prepaid = await _lock_prepaid(
+        conn, {(e.customer_id, p.currency) for e, p in zip(events, plans, strict=True)}
+    )
+    bookings = []
+    for event, plan in zip(events, plans, strict=True):
+        rates = rate_book.at(event.device, event.submitted_at)
+        if rates.currency != plan.currency:
+            raise ValueError(f"plan in {plan.currency} but cost rates in {rates.currency}")
+        period = (event.customer_id, period_of(event.submitted_at))
+        charge = rate_request(plan, positions[period], token_counts(event))
+        positions[period] = charge.after
+        wallet = (event.customer_id, plan.currency)
+        drawn = min(prepaid.get(wallet, Decimal(0)), max(charge.total, Decimal(0)))
+        if wallet in prepaid:
+            prepaid[wallet] -= drawn
+        usage = Usage(
+            event.prompt_tokens, event.completion_tokens, event.energy.energy_j, event.compute_s
+        )
+        bookings.append(
+            Booking(
+                event,
+                plan,
+                rates,
+                charge,
+                energy_cost_of(usage, rates),
+                compute_cost(usage, rates),
+                drawn,
+            )  # fmt: skip
+        )
+    await _save_positions(conn, positions)
+    await _save_prepaid(conn, prepaid)
+    return bookings
+
+
+async def _lock_positions(
+    conn: asyncpg.Connection, periods: set[tuple[str, date]]
+) -> dict[tuple[str, date], PeriodPosition]:
+    ordered = sorted(periods)
+    customers, starts = [p[0] for p in ordered], [p[1] for p in ordered]
+    await conn.execute(
+        "INSERT INTO ledger.period_usage (customer_id, period_start) "
+        "SELECT * FROM unnest($1::text[], $2::date[]) ON CONFLICT DO NOTHING",
+        customers,
+        starts,
+    )
+    rows = await conn.fetch(
+        "SELECT u.* FROM ledger.period_usage u JOIN unnest($1::text[], $2::date[]) "
+        "AS k(customer_id, period_start) USING (customer_id, period_start) "
+        "ORDER BY u.customer_id, u.period_start FOR UPDATE OF u",
+        customers,
+        starts,
+    )
+    return {
+        (r["customer_id"], r["period_start"]): PeriodPosition(
+            r["tokens"],
+            TokenCounts(
+                r["charged_input_tokens"],
+                r["charged_cached_input_tokens"],
+                r["charged_output_tokens"],
+            ),
+        )
+        for r in rows
+    }
+
+
+async def _save_positions(
+    conn: asyncpg.Connection, positions: dict[tuple[str, date], PeriodPosition]
+) -> None:
+    items = sorted(positions.items())
+    await conn.execute(
+        "UPDATE ledger.period_usage u SET tokens = k.tokens, charged_input_tokens = k.ci, "
+        "charged_cached_input_tokens = k.cc, charged_output_tokens = k.co "
+        "FROM unnest($1::text[], $2::date[], $3::bigint[], $4::bigint[], $5::bigint[], "
+        "$6::bigint[]) AS k(customer_id, period_start, tokens, ci, cc, co) "
+        "WHERE u.customer_id = k.customer_id AND u.period_start = k.period_start",
+        [k[0] for k, _ in items],
+        [k[1] for k, _ in items],
+        [p.tokens for _, p in items],
+        [p.charged.input for _, p in items],
+        [p.charged.cached_input for _, p in items],
+        [p.charged.output for _, p in items],
+    )
+
+
+async def _lock_prepaid(
+    conn: asyncpg.Connection, wallets: set[tuple[str, str]]
+) -> dict[tuple[str, str], Decimal]:
+    ordered = sorted(wallets)
+    rows = await conn.fetch(
+        "SELECT p.customer_id, p.currency, p.available FROM ledger.prepaid_positions p "
+        "JOIN unnest($1::text[], $2::text[]) AS k(customer_id, currency) "
+        "USING (customer_id, currency) ORDER BY p.customer_id, p.currency FOR UPDATE OF p",
+        [w[0] for w in ordered],
+        [w[1] for w in ordered],
+    )
+    return {(r["customer_id"], r["currency"]): r["available"] for r in rows}
+
+
+async def _save_prepaid(conn: asyncpg.Connection, wallets: dict[tuple[str, str], Decimal]) -> None:
+    if not wallets:
+        return
+    items = sorted(wallets.items())
+    await conn.execute(
+        "UPDATE ledger.prepaid_positions p SET available = k.available "
+        "FROM unnest($1::text[], $2::text[], $3::numeric[]) AS k(customer_id, currency, available) "
+        "WHERE p.customer_id = k.customer_id AND p.currency = k.currency",
+        [k[0] for k, _ in items],
+        [k[1] for k, _ in items],
+        [v for _, v in items],
+    )
+
+
+async def _write_bookings(
+    conn: asyncpg.Connection, bookings: list[Booking], booked_stream: str
+) -> None:
+    await conn.copy_records_to_table(
+        "request_usage",
+        schema_name="ledger",
+        columns=USAGE_COLUMNS,
+        records=[b.usage_row() for b in bookings],
+    )
+    await journal.write(conn, [p for b in bookings if (p := b.posting()) is not None])
+    outbox = [outbox_values(booked_stream, b.booked_event()) for b in bookings]
+    await conn.execute(
+        f"INSERT INTO ledger.outbox {OUTBOX_COLUMNS} SELECT * FROM unnest($1::text[], "
+        "$2::text[], $3::text[], $4::text[], $5::jsonb[])",
+        *(list(column) for column in zip(*outbox, strict=True)),
+    )
+
+
+async def _credits_at_booking(
+    conn: asyncpg.Connection, bookings: list[Booking], slo: SloPolicy
+) -> list[Credit]:
+    """Credits a completion earns as it is booked: a defective verdict on it that arrived
+    first, and a missed latency objective. Together never more than the charge."""
+    defective = {
+        r["completion_event_id"]
+        for r in await conn.fetch(
+            "SELECT completion_event_id FROM ledger.quality WHERE verdict = 'defective' "
+            "AND completion_event_id = ANY($1::text[])",
+            [b.event.event_id for b in bookings],
+        )
+    }
+    return [
+        _credit(b.event, "defective", b.revenue, b.plan.currency, b.event.event_id)
+        if b.event.event_id in defective
+        else _credit(b.event, "slo_ttft", slo.ttft_credit(b.event, b.revenue), b.plan.currency,
+                     b.event.event_id)
+        for b in bookings
+    ]  # fmt: skip
+
+
+def _credit(
+    event: Event, reason: str, amount: Decimal, currency: str, cause_event_id: str
+) -> Credit:
+    return Credit(
+        event.customer_id, event.request_id, reason, amount, currency, cause_event_id,
         event.occurred_at,
-        prices.version,
-        revenue(Usage(event.prompt_tokens, 0, usage.energy_j, usage.compute_s), prices),
-    )
-    if not inserted:
-        return False
-    booked = UsageBooked(
-        **event.envelope_for("ledger"),
-        tier=event.tier,
-        prompt_tokens=event.prompt_tokens,
-        completion_tokens=event.completion_tokens,
-        energy_j=event.energy.energy_j,
-        cost=books.cost,
-        revenue=books.revenue,
-        currency=books.currency,
-        price_version=books.price_version,
-        completion_event_id=event.event_id,
-    )
-    await enqueue(conn, SCHEMA, booked_stream, booked)
-    return True
+    )  # fmt: skip
 
 
 async def record_verdict(conn: asyncpg.Connection, event: QualityVerdict) -> None:
     """Keep the verdict on one completion; the request's is its booked completion's
-    (the ledger.request_quality view)."""
+    (the ledger.request_quality view). A defective verdict on the booked completion credits
+    what is left of that request's charge, once."""
+    await lock_customers(conn, [event.customer_id])
     await conn.execute(
         "INSERT INTO ledger.quality (completion_event_id, request_id, verdict, signals, event_id) "
         "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (completion_event_id) DO NOTHING",
@@ -150,6 +552,44 @@ async def record_verdict(conn: asyncpg.Connection, event: QualityVerdict) -> Non
         [s.model_dump() for s in event.signals],
         event.event_id,
     )
+    if event.verdict != "defective":
+        return
+    booked = await conn.fetchrow(
+        "SELECT u.customer_id, u.revenue, u.currency, "
+        "u.revenue - coalesce((SELECT sum(c.amount) FROM ledger.credits c "
+        "WHERE c.request_id = u.request_id), 0) AS left FROM ledger.request_usage u "
+        "WHERE u.completion_event_id = $1",
+        event.completion_event_id,
+    )
+    if booked is not None:
+        credit = _credit(event, "defective", booked["left"], booked["currency"], event.event_id)
+        await give_credits(conn, [credit])
+
+
+async def record_prepaid(conn: asyncpg.Connection, event: PrepaidCreditAdded) -> None:
+    """Post a prepaid top-up (cash in, held for the customer) and make it drawable."""
+    await lock_customers(conn, [event.customer_id])
+    await conn.execute(
+        "INSERT INTO ledger.prepaid_positions (customer_id, currency, available) "
+        "VALUES ($1, $2, $3) ON CONFLICT (customer_id, currency) "
+        "DO UPDATE SET available = ledger.prepaid_positions.available + excluded.available",
+        event.customer_id,
+        event.currency,
+        event.amount,
+    )
+    posting = Posting(
+        event_id=event.event_id,
+        kind="prepaid",
+        description=f"prepaid credit added {event.reference}".strip()[:500],
+        effective_at=event.occurred_at,
+        legs=journal.legs(
+            event.currency,
+            ("cash", event.amount),
+            (journal.prepaid(event.customer_id), -event.amount),
+        ),
+        customer_id=event.customer_id,
+    )
+    await journal.write(conn, [posting])
 
 
 async def record_power(conn: asyncpg.Connection, event: PowerSample) -> None:

@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PYTEST := $(BIN)/python -m pytest
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test unit integration e2e test-slow lint format bench clean
+.PHONY: install run test unit integration e2e test-slow lint format bench bench-engine clean
 
 install: $(STAMP)
 
@@ -50,6 +50,10 @@ format: install
 
 bench: install
 	$(BIN)/python -m bench.intake
+
+# Output tokens/s of the batching engine at concurrency 1, 4 and 16 beside the one-at-a-time path.
+bench-engine: install
+	$(BIN)/python -m bench.engine
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -5,6 +5,7 @@ cancellation and seeds."""
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -33,6 +34,9 @@ class CharTokenizer:
     """Token i is the character chr(32 + i); the last id is the end of sequence."""
 
     eos_token_id = EOS
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> SimpleNamespace:
+        return SimpleNamespace(input_ids=[min(ord(c) - 32, EOS - 1) for c in text])
 
     def decode(self, ids, skip_special_tokens=True) -> str:
         return "".join(chr(32 + i) for i in ids if i != EOS)

@@ -282,3 +282,8 @@ def test_streamed_text_adds_up_to_the_final_text(runner):
             deltas.append(output.text_delta)
             final = output.finished or final
     assert "".join(deltas) == final.text
+
+
+def test_a_step_budget_below_the_running_limit_is_refused():
+    with pytest.raises(ValueError, match="engine_step_tokens_max"):
+        EngineConfig(kv_cache_bytes=1 << 20, step_tokens_max=8, running_max=16)

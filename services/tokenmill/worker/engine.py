@@ -47,9 +47,14 @@ class EngineConfig:
     prefix_caching: bool = True
 
     def __post_init__(self) -> None:
-        assert self.block_size > 0 and self.running_max > 0 and self.waiting_max > 0
+        if min(self.block_size, self.running_max, self.waiting_max) < 1:
+            raise ValueError(f"block size, running and waiting limits must be positive: {self}")
         # Every running request needs at least its decode token in a step.
-        assert self.step_tokens_max >= self.running_max
+        if self.step_tokens_max < self.running_max:
+            raise ValueError(
+                f"engine_step_tokens_max ({self.step_tokens_max}) must be at least "
+                f"engine_running_max ({self.running_max})"
+            )
 
 
 @dataclass
@@ -93,6 +98,10 @@ class Request:
 
 @dataclass(frozen=True)
 class StepOutput:
+    """What one step did for one request. The text deltas of a request that ends on a stop
+    string include the stop string; the finished request's `text` (cut before it) is the
+    answer."""
+
     request_id: str
     step_tokens: int  # Tokens this request had in the step (prompt chunk or decode).
     new_token_ids: tuple[int, ...]

@@ -5,6 +5,7 @@ finishes its job within the graceful timeout or leaves it pending unpublished.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -180,3 +181,30 @@ async def _engine_idle(engines: list[BatchEngine]) -> bool:
 
 async def _has(redis: RedisClient, stream: str, request_id: str) -> bool:
     return bool(await events_on(redis, stream, request_id))
+
+
+async def test_two_workers_share_a_stream_and_a_stopped_ones_jobs_complete_once(
+    test_settings: Settings, redis: RedisClient, jobs
+):
+    streams = Streams(test_settings.stream_prefix)
+    first = dataclasses.replace(test_settings, consumer="worker-a", graceful_timeout_s=0.1)
+    second = dataclasses.replace(test_settings, consumer="worker-b")
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(
+            service.running("worker", first, worker_main.wire, needs_db=False)
+        )
+        submitted = [await jobs(f"{n} is a number. Tell me about it", 12) for n in range(4)]
+        for job in submitted:
+            await eventually(lambda job=job: _has(redis, streams.progress, job.request_id))
+        async with service.running("worker", second, worker_main.wire, needs_db=False):
+            # The first worker stops mid-batch and gives up its jobs unpublished; the second
+            # claims them once they are idle for claim_idle_ms and runs each to completion.
+            await stack.aclose()
+            for job in submitted:
+                await eventually(
+                    lambda job=job: _has(redis, streams.completions, job.request_id), 120
+                )
+    for job in submitted:
+        (completed,) = await events_on(redis, streams.completions, job.request_id)
+        assert completed.type == "job.completed"
+    assert await owner_of(redis, streams.jobs("eu-west")) == []

@@ -25,6 +25,11 @@ class Stopping(Exception):
     """The worker is stopping: an entry read now stays pending for another worker to claim."""
 
 
+class AlreadyInHand(Exception):
+    """This worker runs the job already, from an earlier delivery of the same entry (its own
+    claimer took back an entry that waited in the reader's buffer); that one acknowledges it."""
+
+
 class LeaseLost(Exception):
     """Another worker owns this job's entry now: it runs the job and publishes its outcome.
 
@@ -115,6 +120,8 @@ async def wire(rt: service.Runtime):
         # another worker claimed it meanwhile, it is that worker's to run.
         if not await delivery.keep_alive():
             raise LeaseLost(f"{event.request_id}: lost the lease on {delivery.entry_id}")
+        if serving.holds(event.request_id):
+            raise AlreadyInHand(f"{event.request_id} runs here already")
         started = JobStarted(
             **event.envelope_for("worker"),
             worker=settings.consumer,

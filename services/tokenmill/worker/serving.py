@@ -118,6 +118,10 @@ class EngineService:
             self._wake.set()
             raise
 
+    def holds(self, request_id: str) -> bool:
+        with self._lock:
+            return request_id in self._jobs
+
     def failed(self, job: JobSubmitted, reason: str) -> JobFailed:
         return JobFailed(**job.envelope_for("worker"), worker=self.worker, reason=reason)
 

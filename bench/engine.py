@@ -34,9 +34,17 @@ TOPICS = (
 )
 
 
-def prompts(runner: ModelRunner, count: int) -> list[list[int]]:
+def prompts(runner: ModelRunner, count: int, prefix_tokens: int = 0) -> list[list[int]]:
+    """`count` chat prompts; with `prefix_tokens`, all start with one system prompt that long."""
+    system = []
+    if prefix_tokens:
+        words = " ".join(f"rule {i}: be brief." for i in range(prefix_tokens))
+        text = runner.tokenizer.decode(runner.encode(words, None)[:prefix_tokens])
+        system = [{"role": "system", "content": text}]
     return [
-        runner.encode(None, [{"role": "user", "content": f"Write a long essay about {topic}."}])
+        runner.encode(
+            None, system + [{"role": "user", "content": f"Write a long essay about {topic}."}]
+        )
         for topic in (TOPICS[i % len(TOPICS)] for i in range(count))
     ]
 
@@ -48,10 +56,16 @@ def one_at_a_time(runner: ModelRunner, batch: list[list[int]], params: SamplingP
 
 
 def batched(
-    runner: ModelRunner, batch: list[list[int]], params: SamplingParams, concurrency: int
+    runner: ModelRunner,
+    batch: list[list[int]],
+    params: SamplingParams,
+    concurrency: int,
+    prefix_caching: bool = True,
 ) -> tuple[float, list[float]]:
     """Output tokens per second and every request's time to first token (ms)."""
-    config = EngineConfig(kv_cache_bytes=256 << 20, running_max=max(concurrency, 1))
+    config = EngineConfig(
+        kv_cache_bytes=256 << 20, running_max=concurrency, prefix_caching=prefix_caching
+    )
     engine = BatchEngine(runner, config)
     queue = list(enumerate(batch))
     added_s: dict[str, float] = {}
@@ -96,6 +110,22 @@ def main() -> None:
             f"{concurrency:>11} {count:>8} {rate:>12.1f} {rate / baseline:>5.1f}x "
             f"{statistics.median(ttft_ms):>11.0f}"
         )
+    if args.shared_prefix:
+        shared_prefix(runner, args, params)
+
+
+def shared_prefix(runner: ModelRunner, args: argparse.Namespace, params: SamplingParams) -> None:
+    """TTFT with every prompt starting with one long system prompt, prefix caching on and off,
+    one request at a time so that queueing does not blur it."""
+    batch = prompts(runner, args.baseline_requests + 1, args.shared_prefix)
+    print(f"shared prefix of {args.shared_prefix} tokens, prompts of {len(batch[0])} tokens:")
+    for caching in (False, True):
+        _, ttft_ms = batched(runner, batch, params, 1, prefix_caching=caching)
+        # The first request fills the cache; the others can hit it.
+        print(
+            f"  prefix caching {'on ' if caching else 'off'}: TTFT p50 "
+            f"{statistics.median(ttft_ms[1:]):.0f} ms"
+        )
 
 
 def parse_args() -> argparse.Namespace:
@@ -108,6 +138,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=0, help="per concurrency; 0: 2 c")
     parser.add_argument("--baseline-requests", type=int, default=4)
     parser.add_argument("--output-tokens", type=int, default=32)
+    parser.add_argument("--shared-prefix", type=int, default=0, help="tokens; 0: skip")
     # On a shared host, one intra-op thread per process often beats two that wait on each
     # other; 0 keeps torch's default.
     parser.add_argument("--threads", type=int, default=0)

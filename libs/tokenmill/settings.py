@@ -162,6 +162,10 @@ class Settings:
     engine_running_max: int = 32
     engine_waiting_max: int = 32
     engine_prefix_caching: int = 1
+    # Intra-op threads of the worker's torch; 0 keeps torch's default (every core). Several
+    # workers on one host (`up --workers N`) each take every core by default and then wait on
+    # each other; give each about cores / N.
+    engine_torch_threads: int = 0
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:

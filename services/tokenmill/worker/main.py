@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 
+import torch
 from redis.exceptions import RedisError
 
 from tokenmill import health, service
@@ -85,6 +86,8 @@ def engine_config(settings: Settings) -> EngineConfig:
 
 async def wire(rt: service.Runtime):
     settings = rt.settings
+    if settings.engine_torch_threads > 0:
+        torch.set_num_threads(settings.engine_torch_threads)
     runner = await asyncio.to_thread(
         ModelRunner.load, settings.model, settings.model_cache_path, settings.device
     )

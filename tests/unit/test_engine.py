@@ -151,7 +151,7 @@ def test_a_cached_prefix_is_reused_and_gives_the_same_output(runner):
     # 18 shared tokens fill 4 whole blocks of 4.
     assert done["second"].cached_prompt_tokens == 16
     assert done["second"].output_ids == solo(runner, second, GREEDY)
-    assert eng.pool.hits_tokens_total == 16
+    assert eng.prefix_hit_tokens_total == 16
 
 
 def test_unreferenced_cached_blocks_are_evicted_least_recently_used_first(runner):

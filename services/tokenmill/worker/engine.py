@@ -129,6 +129,8 @@ class BatchEngine:
         self._cancelled: set[str] = set()
         self._admissions = 0
         self.preemptions_total = 0
+        self.prefix_queried_tokens_total = 0
+        self.prefix_hit_tokens_total = 0
 
     # --- requests in and out ---
 
@@ -325,8 +327,6 @@ class BatchEngine:
         # At least one position is always computed, for the logits of the next token.
         cached = self.pool.match_prefix(request.table, request.ids, len(request.ids) - 1)
         request.computed = cached
-        if request.cached_prompt_tokens is None:
-            request.cached_prompt_tokens = min(cached, len(request.prompt_ids))
         count = min(request.remaining, budget)
         try:
             self.pool.grow(request.table, request.computed + count)
@@ -335,6 +335,11 @@ class BatchEngine:
             self.pool.release(request.table)
             request.computed = 0
             return 0
+        # Counted once admitted: only blocks actually reused are billed as cached.
+        self.prefix_queried_tokens_total += len(request.ids) - 1
+        self.prefix_hit_tokens_total += cached
+        if request.cached_prompt_tokens is None:
+            request.cached_prompt_tokens = min(cached, len(request.prompt_ids))
         self.waiting.pop()
         if request.admitted_s is None:
             request.admitted_s = time.perf_counter()

@@ -54,8 +54,6 @@ class BlockPool:
         self._cached: dict[bytes, int] = {}
         # Unreferenced blocks that still hold a named prefix, least recently used first.
         self._evictable: OrderedDict[int, None] = OrderedDict()
-        self.hits_tokens_total = 0
-        self.queried_tokens_total = 0
 
     @property
     def available(self) -> int:
@@ -71,7 +69,6 @@ class BlockPool:
         them) into the empty `table`; return how many tokens they cover."""
         assert not table.blocks
         whole = min(len(token_ids), limit_tokens) // self.block_size
-        self.queried_tokens_total += whole * self.block_size
         if not self.prefix_caching:
             return 0
         for index in range(whole):
@@ -83,9 +80,7 @@ class BlockPool:
             self._take(block)
             table.blocks.append(block)
             table.hashes.append(name)
-        covered = len(table.blocks) * self.block_size
-        self.hits_tokens_total += covered
-        return covered
+        return len(table.blocks) * self.block_size
 
     def grow(self, table: BlockTable, positions: int) -> None:
         """Give `table` enough blocks for `positions` positions, all or none."""

@@ -13,7 +13,7 @@ from tests.integration.helpers import eventually
 from tests.unit.test_engine import engine, tiny
 from tokenmill.events import JobCompleted, JobFailed, JobSubmitted
 from tokenmill.meters import ScriptedMeter
-from tokenmill.worker.serving import EngineService
+from tokenmill.worker.serving import EngineFailed, EngineService
 
 STEP_J = Decimal("0.5")
 
@@ -94,3 +94,13 @@ async def test_a_job_that_cannot_fit_fails_without_running(serving):
     outcome = await serving.run(job("huge", "x" * 500, max_tokens=2))
     assert isinstance(outcome, JobFailed)
     assert "positions" in outcome.reason
+
+
+async def test_a_failing_step_gives_every_job_back_for_a_retry(serving, monkeypatch):
+    def broken():
+        raise RuntimeError("a bug in a step")
+
+    monkeypatch.setattr(serving.engine, "step", broken)
+    with pytest.raises(EngineFailed, match="a bug in a step"):
+        await serving.run(job("unlucky", "hello"))
+    assert not serving.holds("unlucky") and not serving.engine.has_work

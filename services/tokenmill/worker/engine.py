@@ -170,6 +170,16 @@ class BatchEngine:
         """Stop a request at the start of the next step; it produces no further output."""
         self._cancelled.add(request_id)
 
+    def abort_all(self) -> None:
+        """Drop every request, waiting or running, and release its blocks (after a failed step,
+        whose state cannot be trusted)."""
+        while self.waiting:
+            self.pool.release(self.waiting.pop().table)
+        for request in self.running:
+            self.pool.release(request.table)
+        self.running.clear()
+        self._cancelled.clear()
+
     @property
     def has_work(self) -> bool:
         return bool(self.running) or len(self.waiting) > 0

@@ -57,6 +57,15 @@ def _set_result(future: asyncio.Future, outcome: object) -> None:
         future.set_result(outcome)
 
 
+def _set_exception(future: asyncio.Future, exc: Exception) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+class EngineFailed(Exception):
+    """An engine step raised; the job was dropped from the engine and can be retried."""
+
+
 class EngineService:
     """The engine behind a thread, with at most `capacity` jobs in hand at once."""
 
@@ -136,10 +145,12 @@ class EngineService:
                 continue
             try:
                 self._step()
-            except Exception:
-                # A bug in one step must not strand every job in hand: fail them all loudly.
-                log.exception("engine step failed; failing every job in hand")
-                self._fail_all("the engine failed while running this job")
+            except Exception as exc:
+                # A bug in one step must not strand every job in hand. Their handlers fail
+                # without acknowledging, so each job is retried (here or on another worker)
+                # and after max_deliveries fails visibly, as any failing handler's would.
+                log.exception("engine step failed; giving back every job in hand")
+                self._give_back_all(exc)
 
     def _take_inbox(self) -> None:
         with self._lock:
@@ -199,11 +210,11 @@ class EngineService:
                 entry.energy_j += share_j
                 entry.compute_s += duration_s * output.step_tokens / tokens
 
-    def _fail_all(self, reason: str) -> None:
+    def _give_back_all(self, exc: Exception) -> None:
         with self._lock:
-            for request_id, entry in self._jobs.items():
-                self.engine.cancel(request_id)
-                entry.resolve(self.failed(entry.job, reason))
+            self.engine.abort_all()
+            for entry in self._jobs.values():
+                entry.loop.call_soon_threadsafe(_set_exception, entry.future, EngineFailed(exc))
             self._jobs.clear()
             self._inbox.clear()
 

@@ -8,7 +8,8 @@ Energy: the meter is read around every step, and a step's joules are split acros
 in that step in proportion to the tokens each had in it (a prompt chunk counts its tokens, a
 decode counts one). Energy used while no step runs is idle energy and is not billed to anyone.
 Device time (`compute_s`) is split the same way. The last request of a step takes the remainder,
-so a step's shares add up to exactly what was metered.
+so a step's shares add up to exactly what was metered; the share of a request cancelled or given
+up meanwhile is billed to no one.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ BIN    := $(VENV)/bin
 PYTEST := $(BIN)/python -m pytest
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test unit integration e2e test-slow lint format bench bench-admission bench-books clean
+.PHONY: install run test unit integration e2e test-slow lint format bench bench-admission bench-books \
+        bench-engine clean
 
 install: $(STAMP)
 
@@ -58,6 +59,9 @@ bench-admission: install
 # their postings) beside a raw COPY of as many usage rows; see bench/books.py.
 bench-books: install
 	$(BIN)/python -m bench.books
+# Output tokens/s of the batching engine at concurrency 1, 4 and 16 beside the one-at-a-time path.
+bench-engine: install
+	$(BIN)/python -m bench.engine
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

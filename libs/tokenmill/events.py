@@ -78,6 +78,8 @@ class JobSubmitted(Event):
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # Sample only among the k most likely tokens; None keeps them all.
+    top_k: int | None = None
 
 
 class JobStarted(Event):
@@ -119,6 +121,10 @@ class JobCompleted(Event):
     e2e_ms: float
     compute_s: Decimal
     energy: EnergyReading
+    # Mean time between output tokens after the first (vLLM's TPOT); None for one token.
+    tpot_ms: float | None = None
+    # Times the batching engine preempted the request (its KV freed, recomputed on resume).
+    preemptions: int = 0
 
 
 class JobFailed(Event):

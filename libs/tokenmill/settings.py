@@ -161,6 +161,23 @@ class Settings:
     slo_ttft_credit_share_premium: str = "0.10"
     slo_ttft_ms_standard: float = 10000.0
     slo_ttft_credit_share_standard: str = "0.05"
+    # The worker's batching engine. Its KV cache is preallocated once, `engine_kv_cache_mib` in
+    # all, in blocks of `engine_block_size` positions (SmolLM2-135M in float32 needs 45 KiB a
+    # position, so 256 MiB holds about 5,800 positions). Each step runs at most
+    # `engine_step_tokens_max` tokens (decodes first, the rest prompt chunks) for at most
+    # `engine_running_max` requests; `engine_waiting_max` more wait in the engine, and beyond
+    # that the worker stops reading its stream, so further jobs wait in Redis. Prefix caching
+    # (1 on, 0 off) reuses the KV of prompt prefixes seen before.
+    engine_kv_cache_mib: int = 256
+    engine_block_size: int = 16
+    engine_step_tokens_max: int = 256
+    engine_running_max: int = 32
+    engine_waiting_max: int = 32
+    engine_prefix_caching: int = 1
+    # Intra-op threads of the worker's torch; 0 keeps torch's default (every core). Several
+    # workers on one host (`up --workers N`) each take every core by default and then wait on
+    # each other; give each about cores / N.
+    engine_torch_threads: int = 0
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:

@@ -255,12 +255,17 @@ def consume(
     *,
     max_records: int | None = None,
     on_give_up: GiveUpHandler | None = None,
+    max_workers: int = 1,
 ) -> None:
     """Subscribe `handler` to `stream` for `group`: a reader for new entries and a claimer.
 
     `on_give_up` runs before an entry that failed `max_deliveries` times is dead-lettered, so
     the service can tell others (a worker fails the job). If it raises, the entry stays
     pending and the next claim tries again.
+
+    `max_workers` handlers of new entries may run at once (the batching worker's capacity);
+    while all are busy the reader stops reading, so entries wait in the stream. Claimed
+    entries are rare (a consumer died) and are handled one at a time.
     """
     records = max_records or settings.read_batch_max
     keys = SigningKeys.parse(settings.signing_keys)
@@ -307,7 +312,8 @@ def consume(
         min_idle_time=settings.claim_idle_ms,
         polling_interval=max(POLL_INTERVAL_MS, settings.claim_idle_ms // 4),
     )
-    broker.subscriber(stream=reader, ack_policy=AckPolicy.MANUAL)(on_new)
+    concurrency = {"max_workers": max_workers} if max_workers > 1 else {}
+    broker.subscriber(stream=reader, ack_policy=AckPolicy.MANUAL, **concurrency)(on_new)
     broker.subscriber(stream=claimer, ack_policy=AckPolicy.MANUAL)(on_claimed)
 
 

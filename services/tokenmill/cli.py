@@ -41,6 +41,20 @@ STOP_ORDER = (
     tuple(name for name in SERVICES if name not in ("intake", "worker")),
 )
 READY_WAIT_S_MAX = 600.0
+# Each worker process loads its own copy of the model (about 1.5 GB with the default one).
+WORKERS_MAX = 64
+
+
+def process_names(workers: int) -> list[str]:
+    """The processes `up` runs: every service once, the worker `workers` times."""
+    assert 1 <= workers <= WORKERS_MAX
+    expanded = [f"worker-{i}" for i in range(1, workers + 1)] if workers > 1 else ["worker"]
+    return [n for name in SERVICES for n in (expanded if name == "worker" else [name])]
+
+
+def service_of(process: str) -> str:
+    """The service a process runs: "worker-2" runs the worker."""
+    return process.split("-", 1)[0]
 
 
 @contextlib.contextmanager
@@ -140,7 +154,7 @@ async def prepare(settings: Settings) -> str | None:
     return await default_customer_key(settings)
 
 
-def spawn(name: str, settings: Settings) -> subprocess.Popen:
+def spawn(process: str, settings: Settings) -> subprocess.Popen:
     # Each service names its own consumer (host and pid), so a restarted worker is never taken
     # for the dead one it replaces when a lease's owner is checked.
     env = {**os.environ, **settings.to_env()}
@@ -150,7 +164,7 @@ def spawn(name: str, settings: Settings) -> subprocess.Popen:
     # `up` dies: with no supervisor left there is no order to stop in, and every service's
     # work is redelivered (and billed once) after a crash.
     return subprocess.Popen(
-        [sys.executable, "-m", "tokenmill.cli", "serve", name],
+        [sys.executable, "-m", "tokenmill.cli", "serve", service_of(process)],
         env=env,
         start_new_session=True,
         preexec_fn=die_with_parent(signal.SIGKILL),
@@ -181,10 +195,13 @@ class RestartBudget:
             raise SystemExit(f"{name} keeps exiting (code {code}); stopping")
 
 
-def supervise(settings: Settings, infra: EmbeddedInfra, first_key: str | None) -> None:
-    """Run every service as its own process until Ctrl-C or SIGTERM; restart a service or an
-    embedded server that dies (a server on the same address, which every service holds)."""
-    children = {name: spawn(name, settings) for name in SERVICES}
+def supervise(
+    settings: Settings, infra: EmbeddedInfra, first_key: str | None, workers: int = 1
+) -> None:
+    """Run every service as its own process (the worker `workers` times) until Ctrl-C or
+    SIGTERM; restart a process or an embedded server that dies (a server on the same address,
+    which every service holds)."""
+    children = {name: spawn(name, settings) for name in process_names(workers)}
     budget = RestartBudget(settings.restarts_per_minute_max)
     try:
         wait_until_ready(settings, children)
@@ -230,7 +247,7 @@ def stop_in_order(children: dict[str, subprocess.Popen], settings: Settings) -> 
         settings.stop_consumers_s_max,
     )
     for names, wait_s in zip(STOP_ORDER, bounds_s, strict=True):
-        stop_together({name: children[name] for name in names}, wait_s)
+        stop_together({p: c for p, c in children.items() if service_of(p) in names}, wait_s)
 
 
 def stop_together(processes: dict[str, subprocess.Popen], wait_s: float) -> None:
@@ -270,7 +287,7 @@ def print_banner(settings: Settings, first_key: str | None) -> None:
     )
 
 
-def cmd_up(settings: Settings, _: argparse.Namespace) -> None:
+def cmd_up(settings: Settings, args: argparse.Namespace) -> None:
     # Explicit handlers from the start: SIGTERM (docker stop, systemd) must stop whatever has
     # been started, as Ctrl-C does, and a parent that started us in the background may have
     # left SIGINT ignored.
@@ -286,7 +303,7 @@ def cmd_up(settings: Settings, _: argparse.Namespace) -> None:
         with datadir.exclusive(data_dir), embedded(settings) as (resolved, infra):
             run = datadir.RunInfo(os.getpid(), resolved.database_url, resolved.redis_url)
             datadir.write_run(data_dir, run)
-            supervise(resolved, infra, asyncio.run(prepare(resolved)))
+            supervise(resolved, infra, asyncio.run(prepare(resolved)), args.workers)
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
@@ -385,10 +402,26 @@ def cmd_dlq(settings: Settings, args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def _worker_count(raw: str) -> int:
+    try:
+        count = int(raw)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= WORKERS_MAX:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {WORKERS_MAX}")
+    return count
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="tokenmill", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
-    commands.add_parser("up", help="run the whole platform (embedded servers by default)")
+    up = commands.add_parser("up", help="run the whole platform (embedded servers by default)")
+    up.add_argument(
+        "--workers",
+        type=_worker_count,
+        default=1,
+        help=f"worker processes sharing the region's jobs (1 to {WORKERS_MAX}; default 1)",
+    )
     serve = commands.add_parser("serve", help="run one service in this process")
     serve.add_argument("service", choices=SERVICES)
     commands.add_parser("migrate", help="apply migrations and create consumer groups")

@@ -5,6 +5,7 @@ finishes its job within the graceful timeout or leaves it pending unpublished.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from tokenmill.settings import Settings
 from tokenmill.signing import SigningKeys
 from tokenmill.streams import Delivery, Streams, publish_event
 from tokenmill.worker import main as worker_main
+from tokenmill.worker.engine import BatchEngine, EngineConfig
 from tokenmill.worker.model import ModelRunner
 
 # Greedy decoding keeps counting long past what any test waits for.
@@ -62,7 +64,20 @@ def runner() -> ModelRunner:
 
 
 @pytest.fixture
-async def jobs(test_settings: Settings, runner: ModelRunner, monkeypatch) -> AsyncIterator:
+def engines(runner: ModelRunner, monkeypatch) -> list[BatchEngine]:
+    """Every engine the workers of a test build, with a smaller KV cache."""
+    built: list[BatchEngine] = []
+
+    def build(runner: ModelRunner, config: EngineConfig) -> BatchEngine:
+        built.append(BatchEngine(runner, dataclasses.replace(config, kv_cache_bytes=128 << 20)))
+        return built[-1]
+
+    monkeypatch.setattr(worker_main, "BatchEngine", build)
+    return built
+
+
+@pytest.fixture
+async def jobs(test_settings: Settings, runner: ModelRunner, engines, monkeypatch) -> AsyncIterator:
     # The loaded model is shared by every worker these tests start; loading is not under test.
     monkeypatch.setattr(worker_main.ModelRunner, "load", lambda *_args: runner)
     broker = RedisBroker(test_settings.redis_url)
@@ -104,7 +119,7 @@ async def owner_of(redis: RedisClient, stream: str) -> list[bytes]:
 
 
 async def test_a_worker_that_lost_its_lease_stops_the_job_and_publishes_nothing(
-    test_settings: Settings, redis: RedisClient, jobs
+    test_settings: Settings, redis: RedisClient, jobs, engines
 ):
     streams = Streams(test_settings.stream_prefix)
     jobs_stream = streams.jobs("eu-west")
@@ -116,10 +131,11 @@ async def test_a_worker_that_lost_its_lease_stops_the_job_and_publishes_nothing(
         # and that worker stays alive: it renews its lease, so our claimer leaves it alone.
         other = asyncio.create_task(_hold(redis, jobs_stream, entry["message_id"]))
         try:
-            # The worker runs one job at a time, so a short job completes only once the long
-            # one was stopped; without the stop it would run for minutes.
+            # The worker notices within a renewal interval and cancels the long job's request
+            # (its 2000 tokens would take minutes); a short job beside it still completes.
             short = await jobs("Hi", 3)
             await eventually(lambda: _has(redis, streams.completions, short.request_id), 60)
+            await eventually(lambda: _engine_idle(engines), 30)
         finally:
             other.cancel()
     assert await events_on(redis, streams.completions, long.request_id) == []
@@ -138,20 +154,18 @@ async def test_on_stop_a_job_past_the_graceful_timeout_is_left_pending_unpublish
     assert await owner_of(redis, streams.jobs("eu-west")) == [test_settings.consumer.encode()]
 
 
-async def test_on_stop_the_job_in_hand_finishes_and_no_new_one_starts(
-    test_settings: Settings, redis: RedisClient, jobs
-):
+async def test_on_stop_the_jobs_in_hand_finish(test_settings: Settings, redis: RedisClient, jobs):
+    # The batching worker runs both jobs at once; stopping lets both finish and publish.
     streams = Streams(test_settings.stream_prefix)
     async with service.running("worker", test_settings, worker_main.wire, needs_db=False):
         first = await jobs("Hello", 12)
-        await eventually(lambda: _has(redis, streams.progress, first.request_id))
         second = await jobs("Again", 12)
-    (completed,) = await events_on(redis, streams.completions, first.request_id)
-    assert completed.type == "job.completed"
-    assert await events_on(redis, streams.progress, second.request_id) == []
-    assert await events_on(redis, streams.completions, second.request_id) == []
-    # The first entry was acknowledged; the second was never started by this worker.
-    assert await owner_of(redis, streams.jobs("eu-west")) in ([], [test_settings.consumer.encode()])
+        for job in (first, second):
+            await eventually(lambda job=job: _has(redis, streams.progress, job.request_id))
+    for job in (first, second):
+        (completed,) = await events_on(redis, streams.completions, job.request_id)
+        assert completed.type == "job.completed"
+    assert await owner_of(redis, streams.jobs("eu-west")) == []
 
 
 async def _hold(redis: RedisClient, stream: str, entry_id: bytes) -> None:
@@ -161,5 +175,36 @@ async def _hold(redis: RedisClient, stream: str, entry_id: bytes) -> None:
         await asyncio.sleep(0.2)
 
 
+async def _engine_idle(engines: list[BatchEngine]) -> bool:
+    return all(not engine.has_work for engine in engines)
+
+
 async def _has(redis: RedisClient, stream: str, request_id: str) -> bool:
     return bool(await events_on(redis, stream, request_id))
+
+
+async def test_two_workers_share_a_stream_and_a_stopped_ones_jobs_complete_once(
+    test_settings: Settings, redis: RedisClient, jobs
+):
+    streams = Streams(test_settings.stream_prefix)
+    first = dataclasses.replace(test_settings, consumer="worker-a", graceful_timeout_s=0.1)
+    second = dataclasses.replace(test_settings, consumer="worker-b")
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(
+            service.running("worker", first, worker_main.wire, needs_db=False)
+        )
+        submitted = [await jobs(f"{n} is a number. Tell me about it", 12) for n in range(4)]
+        for job in submitted:
+            await eventually(lambda job=job: _has(redis, streams.progress, job.request_id))
+        async with service.running("worker", second, worker_main.wire, needs_db=False):
+            # The first worker stops mid-batch and gives up its jobs unpublished; the second
+            # claims them once they are idle for claim_idle_ms and runs each to completion.
+            await stack.aclose()
+            for job in submitted:
+                await eventually(
+                    lambda job=job: _has(redis, streams.completions, job.request_id), 120
+                )
+    for job in submitted:
+        (completed,) = await events_on(redis, streams.completions, job.request_id)
+        assert completed.type == "job.completed"
+    assert await owner_of(redis, streams.jobs("eu-west")) == []

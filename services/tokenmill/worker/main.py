@@ -1,26 +1,34 @@
-"""Worker service: takes its region's jobs, runs them on the model, publishes completions."""
+"""Worker service: takes its region's jobs, runs them in the batching engine, publishes
+completions."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import threading
 
+import torch
 from redis.exceptions import RedisError
 
 from tokenmill import health, service
 from tokenmill.events import Event, JobStarted, JobSubmitted, parse_event, utc_now
 from tokenmill.meters import create_meter
+from tokenmill.settings import Settings
 from tokenmill.streams import Delivery, consume, publish_event
-from tokenmill.worker.engine import Engine, JobAbandoned, elapsed_ms
+from tokenmill.worker.engine import BatchEngine, EngineConfig
 from tokenmill.worker.model import ModelRunner
+from tokenmill.worker.serving import EngineService, elapsed_ms
 
 log = logging.getLogger(__name__)
 
 
 class Stopping(Exception):
     """The worker is stopping: an entry read now stays pending for another worker to claim."""
+
+
+class AlreadyInHand(Exception):
+    """This worker runs the job already, from an earlier delivery of the same entry (its own
+    claimer took back an entry that waited in the reader's buffer); that one acknowledges it."""
 
 
 class LeaseLost(Exception):
@@ -58,29 +66,44 @@ async def keep_alive_while(
     return True
 
 
-async def _abandon(job: asyncio.Future, stop: threading.Event) -> None:
-    """Stop the job's generation between tokens and wait for its thread to let go."""
-    stop.set()
-    with contextlib.suppress(JobAbandoned):
+async def _abandon(job: asyncio.Future) -> None:
+    """Cancel the job's request (it stops within one engine step) and wait for it to let go."""
+    job.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
         await job
 
 
-def _discard_outcome(job: asyncio.Future) -> None:
-    # Retrieve the abandoned job's JobAbandoned so asyncio does not report it as lost.
-    if not job.cancelled():
-        job.exception()
+def engine_config(settings: Settings) -> EngineConfig:
+    return EngineConfig(
+        kv_cache_bytes=settings.engine_kv_cache_mib << 20,
+        block_size=settings.engine_block_size,
+        step_tokens_max=settings.engine_step_tokens_max,
+        running_max=settings.engine_running_max,
+        waiting_max=settings.engine_waiting_max,
+        prefix_caching=bool(settings.engine_prefix_caching),
+    )
 
 
 async def wire(rt: service.Runtime):
     settings = rt.settings
+    if settings.engine_torch_threads > 0:
+        torch.set_num_threads(settings.engine_torch_threads)
     runner = await asyncio.to_thread(
         ModelRunner.load, settings.model, settings.model_cache_path, settings.device
     )
-    engine = Engine(runner, create_meter(settings, runner.device), settings.consumer)
-    log.info("serving %s on %s, metered by %s", runner.name, runner.device, engine.meter.name)
+    engine = await asyncio.to_thread(BatchEngine, runner, engine_config(settings))
+    serving = EngineService(engine, create_meter(settings, runner.device), settings.consumer)
+    log.info(
+        "serving %s on %s, metered by %s; KV cache of %d blocks, up to %d jobs in hand",
+        runner.name,
+        runner.device,
+        serving.meter.name,
+        engine.pool.num_blocks,
+        serving.capacity,
+    )
 
     # Set when the service begins to stop. The runtime cancels background loops before it
-    # stops the broker, whose graceful stop lets the job in hand finish for up to
+    # stops the broker, whose graceful stop lets the jobs in hand finish for up to
     # graceful_timeout_s; an entry the reader or claimer still hands over meanwhile is not
     # started but left pending.
     stopping = asyncio.Event()
@@ -94,27 +117,31 @@ async def wire(rt: service.Runtime):
     async def on_job(event: Event, delivery: Delivery) -> None:
         if not isinstance(event, JobSubmitted):
             return
+        if stopping.is_set():
+            raise Stopping(f"{event.request_id} left pending on {delivery.entry_id}")
+        # The entry may have waited in the reader's buffer while every handler was busy; if
+        # another worker claimed it meanwhile, it is that worker's to run.
+        if not await delivery.keep_alive():
+            raise LeaseLost(f"{event.request_id}: lost the lease on {delivery.entry_id}")
+        if serving.holds(event.request_id):
+            raise AlreadyInHand(f"{event.request_id} runs here already")
         started = JobStarted(
             **event.envelope_for("worker"),
             worker=settings.consumer,
             queue_ms=elapsed_ms(event.occurred_at, utc_now()),
         )
-        if stopping.is_set():
-            raise Stopping(f"{event.request_id} left pending on {delivery.entry_id}")
         await publish_event(rt.broker, rt.streams.progress, started, rt.signing_keys)
-        stop = threading.Event()
-        job = asyncio.ensure_future(asyncio.to_thread(engine.run, event, stop))
+        job = asyncio.ensure_future(serving.run(event))
         lease_s = settings.claim_idle_ms / 1000
         try:
             owner = await keep_alive_while(job, delivery, lease_s / 3, lease_s)
         except asyncio.CancelledError:
             # The broker gave up waiting (graceful_timeout_s ran out while stopping): abandon
             # the job unpublished; its entry stays pending and another worker claims it.
-            stop.set()
-            job.add_done_callback(_discard_outcome)
+            job.cancel()
             raise
         if not owner:
-            await _abandon(job, stop)
+            await _abandon(job)
             raise LeaseLost(f"{event.request_id}: lost the lease on {delivery.entry_id}")
         outcome = job.result()
         # The lease may have been lost since the last renewal; only the owner publishes.
@@ -126,18 +153,21 @@ async def wire(rt: service.Runtime):
         # A job no worker could finish fails visibly instead of staying queued forever.
         job = parse_event(raw)
         if isinstance(job, JobSubmitted):
-            failed = engine.failed(job, f"no worker could run this job: {reason}")
+            failed = serving.failed(job, f"no worker could run this job: {reason}")
             await publish_event(rt.broker, rt.streams.completions, failed, rt.signing_keys)
 
-    # One entry at a time: an entry read is owned by this worker until acknowledged.
+    # As many new entries in hand as the engine holds (one slot is the claimer's): past that
+    # the reader stops reading and jobs wait in Redis. An entry read is owned by this worker
+    # until acknowledged, and each one's lease is renewed while its job runs.
     consume(
         rt.broker,
         settings,
         rt.streams.jobs(settings.region),
         "worker",
         on_job,
-        max_records=1,
+        max_records=min(settings.read_batch_max, serving.capacity),
         on_give_up=on_give_up,
+        max_workers=max(1, serving.capacity - 1),
     )
     # Intake's /readyz counts the workers whose heartbeat is live: this one, while its model is
     # loaded and until it begins to stop.

@@ -38,6 +38,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    top_k: int | None = None  # None keeps every token.
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -46,6 +47,8 @@ class SamplingParams:
             raise ValueError(f"temperature must not be negative, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
 
@@ -114,8 +117,8 @@ class ModelRunner:
         An exception raised by `on_token` aborts the generation and propagates to the caller.
         """
         started_s = time.perf_counter()
-        max_tokens = self._clamp_max_tokens(len(prompt_ids), params.max_tokens)
-        generator = self._generator(params.seed) if params.temperature > 0 else None
+        max_tokens = self.clamp_max_tokens(len(prompt_ids), params.max_tokens)
+        generator = self.generator(params)
         completion: list[int] = []
         finish_reason, ttft_s = "length", 0.0
         with torch.inference_mode():
@@ -123,7 +126,7 @@ class ModelRunner:
             for step in range(max_tokens):
                 if step:
                     logits, cache = self._forward(completion[-1:], cache)
-                completion.append(self._sample(logits, params, generator))
+                completion.append(sample_token(logits, params, generator))
                 if not step:
                     ttft_s = time.perf_counter() - started_s
                 if on_token is not None:
@@ -131,8 +134,8 @@ class ModelRunner:
                 if completion[-1] in self.eos_token_ids or self._hit_stop(completion, params.stop):
                     finish_reason = "stop"
                     break
-        text = self._decode(completion)
-        cut = _first_stop(text, params.stop)
+        text = self.decode(completion)
+        cut = first_stop(text, params.stop)
         generation = Generation(
             text=text if cut is None else text[:cut],
             prompt_tokens=len(prompt_ids),
@@ -144,7 +147,7 @@ class ModelRunner:
         self._check(generation, max_tokens)
         return generation
 
-    def _clamp_max_tokens(self, prompt_len: int, max_tokens: int) -> int:
+    def clamp_max_tokens(self, prompt_len: int, max_tokens: int) -> int:
         """Limit the completion so that prompt plus completion fits the model's context."""
         if prompt_len == 0:
             raise ValueError("the prompt is empty: nothing to condition the model on")
@@ -156,14 +159,18 @@ class ModelRunner:
             )
         return min(max_tokens, room)
 
-    def _generator(self, seed: int | None) -> torch.Generator:
+    def generator(self, params: SamplingParams) -> torch.Generator | None:
+        """A request's own random stream (None when it decodes greedily), so that its samples
+        depend on its seed alone, never on what else runs beside it."""
+        if params.temperature == 0:
+            return None
         generator = torch.Generator(device=self.device)
         # An unseeded torch.Generator starts from a fixed default seed, so without a seed we draw
         # a fresh random one; otherwise every unseeded request would sample the same tokens.
-        if seed is None:
+        if params.seed is None:
             generator.seed()
         else:
-            generator.manual_seed(seed)
+            generator.manual_seed(params.seed)
         return generator
 
     def _forward(self, ids: list[int], cache):
@@ -176,20 +183,12 @@ class ModelRunner:
         )
         return out.logits[0, -1], out.past_key_values
 
-    @staticmethod
-    def _sample(logits: torch.Tensor, params: SamplingParams, generator) -> int:
-        if params.temperature == 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-        if params.top_p < 1:
-            probs = _top_p_filter(probs, params.top_p)
-        return int(torch.multinomial(probs, 1, generator=generator))
-
     def _hit_stop(self, completion: list[int], stop: tuple[str, ...]) -> bool:
         # The whole completion is decoded each step because a stop string can span tokens.
-        return bool(stop) and _first_stop(self._decode(completion), stop) is not None
+        return bool(stop) and first_stop(self.decode(completion), stop) is not None
 
-    def _decode(self, completion: list[int]) -> str:
+    def decode(self, completion: list[int]) -> str:
+        """The completion's text: end-of-sequence and other special tokens left out."""
         ids = [t for t in completion if t not in self.eos_token_ids]
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -200,7 +199,22 @@ class ModelRunner:
         assert 0 < generation.ttft_s <= generation.generation_s
 
 
-def _first_stop(text: str, stop: tuple[str, ...]) -> int | None:
+def sample_token(logits: torch.Tensor, params: SamplingParams, generator) -> int:
+    """One token from one position's logits: greedy at temperature 0, otherwise drawn from
+    `generator` after temperature, top-k and top-p."""
+    if params.temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float() / params.temperature
+    if params.top_k is not None and params.top_k < logits.shape[-1]:
+        kth = logits.topk(params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1:
+        probs = _top_p_filter(probs, params.top_p)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def first_stop(text: str, stop: tuple[str, ...]) -> int | None:
     """Where the earliest stop string in `text` begins, or None if none occurs."""
     found = [i for i in (text.find(s) for s in stop) if i >= 0]
     return min(found) if found else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tokenmill import service
 from tokenmill.events import Event, JobCompleted, PowerSample, QualityVerdict
-from tokenmill.ledger import books
+from tokenmill.ledger import audit, books
 from tokenmill.streams import Delivery, consume
 
 
@@ -24,4 +24,4 @@ async def wire(rt: service.Runtime):
     for stream in rt.streams.all(rt.settings.region):
         consume(rt.broker, rt.settings, stream, "ledger", on_event)
 
-    return [rt.outbox_relay(books.SCHEMA)]
+    return [rt.outbox_relay(books.SCHEMA), *audit.background(rt)]

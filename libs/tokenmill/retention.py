@@ -252,6 +252,15 @@ async def apply(
     }
 
 
+def stop_if_cancelled() -> None:
+    """Re-raise a cancellation that a client library turned into another error (redis-py
+    raises a connection error when cancelled mid-command): a loop that caught it as an outage
+    would never stop, and its service would never finish stopping."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 async def run(pool: asyncpg.Pool, redis: RedisClient, settings: Settings) -> None:
     """The ledger's retention loop: one round every `retention_interval_s`."""
     keep_by_stream(settings, Streams(settings.stream_prefix).all(settings.region))
@@ -262,6 +271,7 @@ async def run(pool: asyncpg.Pool, redis: RedisClient, settings: Settings) -> Non
             if trimmed:
                 log.info("retention: trimmed %d stream entries", trimmed)
         except Exception as exc:  # Redis or Postgres down: the next round tries again.
+            stop_if_cancelled()
             log.warning("retention: %s", exc)
         await asyncio.sleep(settings.retention_interval_s)
 

@@ -29,6 +29,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from tokenmill import datadir
+from tokenmill.retention import stop_if_cancelled
 from tokenmill.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -236,6 +237,7 @@ async def run_sealer(pool: asyncpg.Pool, settings: Settings) -> None:
                     await _checkpoint_if_moved(conn, key)
                 last_checkpoint_s = loop.time()
         except Exception as exc:  # Postgres down: the queue keeps, the next round seals it.
+            stop_if_cancelled()
             log.warning("audit sealer: %s", exc)
         await asyncio.sleep(settings.audit_seal_interval_s)
 

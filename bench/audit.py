@@ -30,6 +30,8 @@ ADMIN_URL = os.environ.get(
 )
 COPY_ROWS = 100_000
 EVENTS_PER_REQUEST = 5
+# How many events the append rate is measured over, with the chain's queue and without.
+APPEND_EVENTS = 5_000
 
 
 def _database_url(name: str) -> str:
@@ -94,6 +96,28 @@ async def fill(conn: asyncpg.Connection, events: int) -> float:
     return time.perf_counter() - started_s
 
 
+_APPEND = (
+    "INSERT INTO ledger.events (event_id, event_type, stream, customer_id, request_id, "
+    "occurred_at, body) VALUES ($1, $2, $3, $4, $5, $6, $7) "
+    "ON CONFLICT (event_id) DO NOTHING RETURNING seq"
+)
+
+
+async def append_rate(conn: asyncpg.Connection, events: int, *, queued: bool) -> float:
+    """Events per second logged the way the ledger logs one (an INSERT in its own transaction),
+    with the sealing queue's trigger on or off: the chain's cost on the ledger's booking path."""
+    action = "ENABLE" if queued else "DISABLE"
+    await conn.execute(f"ALTER TABLE ledger.events {action} TRIGGER events_queue_for_sealing")
+    records = _records(events, 10_000_000 + (0 if queued else events))
+    started_s = time.perf_counter()
+    for record in records:
+        async with conn.transaction():
+            await conn.fetchval(_APPEND, *record)
+    rate = len(records) / (time.perf_counter() - started_s)
+    await conn.execute("ALTER TABLE ledger.events ENABLE TRIGGER events_queue_for_sealing")
+    return rate
+
+
 async def run(events: int, batch_max: int) -> dict[str, object]:
     database = f"tm_bench_audit_{new_id().lower()}"
     admin = await asyncpg.connect(ADMIN_URL)
@@ -114,6 +138,8 @@ async def run(events: int, batch_max: int) -> dict[str, object]:
             size_mb = await conn.fetchval(
                 "SELECT pg_total_relation_size('ledger.events') / 1e6::float"
             )
+            without_chain = await append_rate(conn, APPEND_EVENTS, queued=False)
+            with_chain = await append_rate(conn, APPEND_EVENTS, queued=True)
         finally:
             await pool.close()
             await conn.close()
@@ -130,6 +156,9 @@ async def run(events: int, batch_max: int) -> dict[str, object]:
         "sealed_events_per_s": round(sealed / seal_s),
         "verify_s": round(report.elapsed_s, 2),
         "verified_events_per_s": round(report.events_verified / report.elapsed_s),
+        "append_events_per_s_without_chain": round(without_chain),
+        "append_events_per_s_with_chain": round(with_chain),
+        "chain_overhead_on_append_pct": round(100 * (without_chain / with_chain - 1), 1),
     }
 
 

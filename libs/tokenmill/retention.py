@@ -263,7 +263,6 @@ def stop_if_cancelled() -> None:
 
 async def run(pool: asyncpg.Pool, redis: RedisClient, settings: Settings) -> None:
     """The ledger's retention loop: one round every `retention_interval_s`."""
-    keep_by_stream(settings, Streams(settings.stream_prefix).all(settings.region))
     while True:
         try:
             result = await apply(pool, redis, settings, dry_run=False)

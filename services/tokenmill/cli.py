@@ -403,6 +403,7 @@ def main(argv: list[str] | None = None) -> None:
         RedisError,
         SigningKeyError,
         datadir.DataDirBusy,
+        AuditKeyError,
     ) as exc:
         # A server that is down or misnamed is an operator's problem, not a crash to debug.
         raise SystemExit(f"tokenmill {args.command}: {type(exc).__name__}: {exc}") from exc

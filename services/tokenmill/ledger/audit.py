@@ -24,6 +24,7 @@ from tokenmill import retention
 from tokenmill.ledger import chain
 from tokenmill.ledger.verify import verify
 from tokenmill.settings import Settings
+from tokenmill.streams import Streams
 
 EXPORT_FORMAT = "tokenmill-audit-export/1"
 EXPORT_FETCH_ROWS = 10_000
@@ -31,6 +32,9 @@ EXPORT_FETCH_ROWS = 10_000
 
 def background(runtime: Any) -> list[Coroutine[Any, Any, None]]:
     """The ledger's audit loops: seal (and checkpoint) the log, apply retention."""
+    # A malformed retention setting stops the ledger from starting, not the loop silently.
+    streams = Streams(runtime.settings.stream_prefix).all(runtime.settings.region)
+    retention.keep_by_stream(runtime.settings, streams)
     return [
         chain.run_sealer(runtime.db, runtime.settings),
         retention.run(runtime.db, runtime.redis, runtime.settings),

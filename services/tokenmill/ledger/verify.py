@@ -207,9 +207,11 @@ class _Walk:
     async def _events(self, start: int, stop: int) -> list[asyncpg.Record]:
         """The events sealed at positions [start, stop), by seq: one range scan when they were
         sealed in about seq order (the usual case), else one lookup each."""
+        # OFFSET 0 keeps the planner from answering min() and max() by walking the event_seq
+        # index from its end until a row of the range turns up: a scan of the whole chain.
         low, high = await self._events_conn.fetchrow(
-            "SELECT min(event_seq), max(event_seq) FROM ledger.event_chain "
-            "WHERE position >= $1 AND position < $2",
+            "SELECT min(s), max(s) FROM (SELECT event_seq AS s FROM ledger.event_chain "
+            "WHERE position >= $1 AND position < $2 OFFSET 0) chunk",
             start,
             stop,
         )

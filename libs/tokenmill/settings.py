@@ -178,6 +178,34 @@ class Settings:
     # workers on one host (`up --workers N`) each take every core by default and then wait on
     # each other; give each about cores / N.
     engine_torch_threads: int = 0
+    # The audit trail (services/tokenmill/ledger/chain.py). The ledger seals logged events into
+    # the hash chain every `audit_seal_interval_s`, at most `audit_seal_batch_max` per
+    # transaction (a bounded lock hold and memory), and signs a checkpoint of the chain's head
+    # every `audit_checkpoint_interval_s` when it has moved, with the Ed25519 key in
+    # `audit_key_file` (hex seed; `up` creates data_dir/audit.key). Without a readable key the
+    # ledger still seals, and checkpoints are signed by whoever holds the key
+    # (`tokenmill audit checkpoint`). `audit_verify_fetch_rows` is how many rows verify reads
+    # per round trip.
+    audit_seal_interval_s: float = 1.0
+    audit_seal_batch_max: int = 5000
+    audit_checkpoint_interval_s: float = 3600.0
+    audit_key_file: str = ""
+    audit_verify_fetch_rows: int = 50_000
+    # Retention of the Redis streams and of the outbox and inbox tables (libs/tokenmill/
+    # retention.py), applied by the ledger every `retention_interval_s` and by
+    # `tokenmill streams trim`. A stream keeps at least `stream_keep_entries_min` entries and
+    # everything younger than `stream_keep_s`, and never loses an entry some group has not
+    # acknowledged or the ledger has not archived; `stream_keep` overrides both per stream
+    # ("name=entries:seconds,..." with the name after the prefix, e.g. "booked=1000:86400").
+    # Published outbox rows are kept `outbox_keep_s`, inbox event ids `inbox_keep_s` (longer
+    # than any redelivery: the reconciler republishes within reconcile_window_s).
+    retention_interval_s: float = 300.0
+    stream_keep_entries_min: int = 10_000
+    stream_keep_s: float = 86_400.0
+    stream_keep: str = ""
+    outbox_keep_s: float = 7 * 86_400.0
+    inbox_keep_s: float = 7 * 86_400.0
+    retention_batch_max: int = 10_000
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:

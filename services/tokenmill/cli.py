@@ -20,12 +20,13 @@ import httpx
 from redis.asyncio import Redis as RedisClient
 from redis.exceptions import RedisError
 
-from tokenmill import datadir, deadletters, service
+from tokenmill import datadir, deadletters, retention, service
 from tokenmill.db import migrate
 from tokenmill.embedded import EmbeddedInfra, die_with_parent
 from tokenmill.intake import admin, customer_commands
 from tokenmill.intake.admin_api import ADMIN_PREFIX, ADMIN_TOKEN_FILE, with_admin_token
-from tokenmill.ledger import prices
+from tokenmill.ledger import audit, prices
+from tokenmill.ledger.chain import AuditKeyError, with_audit_key
 from tokenmill.settings import ENV_PREFIX, Settings
 from tokenmill.signing import SigningKeyError, SigningKeys, with_local_key
 from tokenmill.streams import Streams, create_groups
@@ -299,6 +300,7 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> None:
     data_dir = Path(settings.data_dir)
     datadir.secure(data_dir)
     settings = with_admin_token(with_local_key(settings))
+    settings = with_audit_key(settings)
     with contextlib.suppress(KeyboardInterrupt):  # Stopped while starting: nothing to report.
         with datadir.exclusive(data_dir), embedded(settings) as (resolved, infra):
             run = datadir.RunInfo(os.getpid(), resolved.database_url, resolved.redis_url)
@@ -412,6 +414,27 @@ def _worker_count(raw: str) -> int:
     return count
 
 
+def cmd_audit(settings: Settings, args: argparse.Namespace) -> None:
+    with infrastructure(settings) as resolved:
+        asyncio.run(bootstrap(resolved))
+        try:
+            output, done = audit.run(resolved, args)
+        except (LookupError, AuditKeyError) as exc:
+            raise SystemExit(f"tokenmill audit {args.audit_command}: {exc}") from exc
+    print(output)
+    if not done:
+        raise SystemExit(1)
+
+
+def cmd_streams(settings: Settings, args: argparse.Namespace) -> None:
+    with infrastructure(settings) as resolved:
+        asyncio.run(bootstrap(resolved))
+        try:
+            print(asyncio.run(retention.command(resolved, args)))
+        except retention.RetentionConfigError as exc:
+            raise SystemExit(f"tokenmill streams {args.streams_command}: {exc}") from exc
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="tokenmill", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -439,6 +462,8 @@ def parser() -> argparse.ArgumentParser:
     customer_commands.add_commands(commands)
     deadletters.add_commands(commands)
     prices.add_commands(commands)
+    audit.add_commands(commands)
+    retention.add_commands(commands)
     return root
 
 
@@ -453,6 +478,8 @@ def main(argv: list[str] | None = None) -> None:
         "dlq": cmd_dlq,
         **{name: cmd_accounts for name in customer_commands.COMMANDS},
         "prices": cmd_prices,
+        "audit": cmd_audit,
+        "streams": cmd_streams,
     }
     try:
         handlers[args.command](Settings.from_env(), args)
@@ -462,6 +489,7 @@ def main(argv: list[str] | None = None) -> None:
         RedisError,
         SigningKeyError,
         datadir.DataDirBusy,
+        AuditKeyError,
     ) as exc:
         # A server that is down or misnamed is an operator's problem, not a crash to debug.
         raise SystemExit(f"tokenmill {args.command}: {type(exc).__name__}: {exc}") from exc

@@ -225,6 +225,17 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
             raise ApiError(404, "not_found", f"no job {job_id}")
         return views.job(row)
 
+    @app.get("/v1/jobs/{job_id}/events")
+    async def get_job_events(
+        request: Request,
+        job_id: Annotated[str, Path(pattern=JOB_ID_PATTERN)],
+        who: CustomerDep,
+    ) -> dict[str, Any]:
+        pool = request.app.state.runtime.db
+        if await jobs.find(pool, who, job_id) is None:
+            raise ApiError(404, "not_found", f"no job {job_id}")
+        return {"object": "list", "job_id": job_id, "data": await jobs.events(pool, who, job_id)}
+
     @app.post("/v1/chat/completions", dependencies=JsonBody)
     async def chat_completions(
         request: Request, body: GenerationRequest, who: CustomerDep, key: IdempotencyKey = None

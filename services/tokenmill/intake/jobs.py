@@ -213,6 +213,28 @@ async def find(pool: asyncpg.Pool, customer: Customer, request_id: str) -> async
     )
 
 
+async def events(pool: asyncpg.Pool, customer: Customer, request_id: str) -> list[dict]:
+    """The request's events in the ledger's log, through the view the ledger publishes for
+    other services (ledger.request_events, migrations/0010), never its tables."""
+    rows = await pool.fetch(
+        "SELECT seq, event_id, event_type, occurred_at, position, hash "
+        "FROM ledger.request_events WHERE request_id = $1 AND customer_id = $2 ORDER BY seq",
+        request_id,
+        customer.customer_id,
+    )
+    return [
+        {
+            "seq": row["seq"],
+            "event_id": row["event_id"],
+            "type": row["event_type"],
+            "occurred_at": row["occurred_at"],
+            "position": row["position"],
+            "hash": row["hash"].hex() if row["hash"] is not None else None,
+        }
+        for row in rows
+    ]
+
+
 async def mark_started(conn: asyncpg.Connection, event: JobStarted) -> None:
     await conn.execute(
         "UPDATE intake.requests SET status = 'running', started_at = $2 "

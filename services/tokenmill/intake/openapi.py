@@ -97,6 +97,25 @@ class JobView(_Closed):
     error: str | None
 
 
+class JobEvent(_Closed):
+    """One event of a job in the ledger's hash-chained log: `position` and `hash` are its place
+    in the chain, null until the ledger seals it (within seconds). The hash can be checked
+    against a published checkpoint or an auditor's export (`tokenmill audit export`)."""
+
+    seq: int
+    event_id: str
+    type: str
+    occurred_at: datetime
+    position: int | None
+    hash: str | None
+
+
+class JobEventList(_Closed):
+    object: Literal["list"]
+    job_id: str
+    data: list[JobEvent]
+
+
 class AssistantMessage(_Closed):
     role: Literal["assistant"]
     content: str | None
@@ -270,6 +289,11 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("get", "/v1/jobs/{job_id}"): Operation(
         {200: Answer("The job.", JobView)}, "problem", (400, 401, 403, 404, *_UNAVAILABLE)
     ),
+    ("get", "/v1/jobs/{job_id}/events"): Operation(
+        {200: Answer("The job's events in the ledger's log, in log order.", JobEventList)},
+        "problem",
+        (400, 401, 404, *_UNAVAILABLE),
+    ),
     ("post", "/v1/chat/completions"): Operation(
         {200: Answer("The completion.", ChatCompletion)}, "openai", _BODY_ERRORS, "chat"
     ),
@@ -320,6 +344,7 @@ _EXAMPLES: dict[Api, dict[str, Any]] = {
 _SOME_TEXT = r"\S"
 _MODELS: list[type[BaseModel]] = [
     JobView,
+    JobEventList,
     ChatCompletion,
     TextCompletion,
     ModelList,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from tokenmill import service
 from tokenmill.batches import Entry, consume_batches
 from tokenmill.events import Event, JobCompleted, PowerSample, PrepaidCreditAdded, QualityVerdict
-from tokenmill.ledger import books
+from tokenmill.ledger import audit, books
 from tokenmill.streams import Delivery, consume
 
 
@@ -45,4 +45,4 @@ async def wire(rt: service.Runtime):
         rt.redis, rt.settings, rt.streams.completions, "ledger", on_completions,
         rt.settings.ledger_batch_max,
     )  # fmt: skip
-    return [rt.outbox_relay(books.SCHEMA), completions]
+    return [rt.outbox_relay(books.SCHEMA), completions, *audit.background(rt)]

@@ -46,8 +46,8 @@ lint: install
 	$(BIN)/ruff format --check libs services tests bench tools
 
 format: install
-	$(BIN)/ruff check --fix libs services tests bench
-	$(BIN)/ruff format libs services tests bench
+	$(BIN)/ruff check --fix libs services tests bench tools
+	$(BIN)/ruff format libs services tests bench tools
 
 bench: install
 	$(BIN)/python -m bench.intake

@@ -23,7 +23,7 @@ from redis.asyncio import Redis as RedisClient
 from redis.exceptions import RedisError
 
 from tokenmill.events import Event, parse_event
-from tokenmill.outage import OutageBackoff, is_outage
+from tokenmill.outage import OutageBackoff, is_outage, stop_if_cancelled
 from tokenmill.settings import Settings
 from tokenmill.signing import SIGNATURE_HEADER, SigningKeys
 from tokenmill.streams import POLL_INTERVAL_MS, Delivery
@@ -64,8 +64,10 @@ async def consume_batches(
                 next_claim = loop.time() + claim_every_s
             await consumer.read()
         except RedisError as exc:
+            stop_if_cancelled()
             await consumer.backoff.failed(exc)
         except Exception:
+            stop_if_cancelled()
             # A bug outside the handler (which has its own fallback) must not end the loop:
             # nothing was acknowledged, so every entry comes back through the claimer.
             log.exception("batch consumer %s on %s", group, stream)

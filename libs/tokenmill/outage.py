@@ -108,3 +108,12 @@ class OutageBackoff:
             self.held,
         )
         self.started_s, self.held = None, 0
+
+
+def stop_if_cancelled() -> None:
+    """Re-raise a cancellation that a client library turned into another error (redis-py
+    raises a connection error when cancelled mid-command): a loop that caught it as an outage
+    would never stop, and its service would never finish stopping."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

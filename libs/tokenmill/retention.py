@@ -36,6 +36,7 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis as RedisClient
 
+from tokenmill.outage import stop_if_cancelled
 from tokenmill.settings import Settings
 from tokenmill.streams import Streams
 
@@ -250,15 +251,6 @@ async def apply(
         "streams": [asdict(trim) for trim in trims],
         "tables": [asdict(prune) for prune in pruned],
     }
-
-
-def stop_if_cancelled() -> None:
-    """Re-raise a cancellation that a client library turned into another error (redis-py
-    raises a connection error when cancelled mid-command): a loop that caught it as an outage
-    would never stop, and its service would never finish stopping."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 async def run(pool: asyncpg.Pool, redis: RedisClient, settings: Settings) -> None:

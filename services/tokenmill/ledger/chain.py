@@ -29,7 +29,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from tokenmill import datadir
-from tokenmill.retention import stop_if_cancelled
+from tokenmill.outage import stop_if_cancelled
 from tokenmill.settings import Settings
 
 log = logging.getLogger(__name__)

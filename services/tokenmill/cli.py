@@ -25,6 +25,7 @@ from tokenmill.db import migrate
 from tokenmill.embedded import EmbeddedInfra, die_with_parent
 from tokenmill.intake import admin
 from tokenmill.intake.admin_api import ADMIN_PREFIX, ADMIN_TOKEN_FILE, with_admin_token
+from tokenmill.ledger import commands as books
 from tokenmill.settings import ENV_PREFIX, Settings
 from tokenmill.signing import SigningKeyError, SigningKeys, with_local_key
 from tokenmill.streams import Streams, create_groups
@@ -338,6 +339,17 @@ def cmd_dlq(settings: Settings, args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def cmd_books(settings: Settings, args: argparse.Namespace) -> None:
+    """`tokenmill invoices ...` and `tokenmill reports`."""
+    with infrastructure(settings) as resolved:
+        asyncio.run(bootstrap(resolved))
+        try:
+            output = asyncio.run(books.command(resolved, args))
+        except (books.CommandError, LookupError) as exc:
+            raise SystemExit(f"tokenmill {args.command}: {exc}") from exc
+    print(output)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="tokenmill", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -354,6 +366,7 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--region", default=None)
     admin.add_commands(keys)
     deadletters.add_commands(commands)
+    books.add_commands(commands)
     return root
 
 
@@ -366,6 +379,8 @@ def main(argv: list[str] | None = None) -> None:
         "migrate": cmd_migrate,
         "keys": cmd_keys,
         "dlq": cmd_dlq,
+        "invoices": cmd_books,
+        "reports": cmd_books,
     }
     try:
         handlers[args.command](Settings.from_env(), args)

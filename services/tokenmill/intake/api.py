@@ -14,8 +14,9 @@ from fastapi.security import HTTPAuthorizationCredentials
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill import service, tokenizer
-from tokenmill.intake import jobs, openapi, probes, views
+from tokenmill.intake import invoices_admin, jobs, openapi, probes, views
 from tokenmill.intake import usage as usage_view
+from tokenmill.intake.admin_api import ADMIN_PREFIX, AdminDependencies
 from tokenmill.intake.errors import ApiError, answering, error_response
 from tokenmill.intake.keys import Customer, KeyCache
 from tokenmill.intake.limits import BodySizeLimit
@@ -309,4 +310,5 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
         status, text = await probes.metrics_of(request.app.state)
         return Response(text, status_code=status, media_type=probes.METRICS_MEDIA_TYPE)
 
+    app.include_router(invoices_admin.router, prefix=ADMIN_PREFIX, dependencies=AdminDependencies)
     return app

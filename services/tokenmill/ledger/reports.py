@@ -149,24 +149,20 @@ def _utc(day: date) -> datetime:
 
 
 def report_text(rep: Report) -> str:
-    """A table a person reads: one row per group, then the factory's totals."""
-    header = (
-        f"{'group':<24} {'requests':>9} {'tokens':>12} {'revenue':>14} {'cost':>14} {'margin':>14}"
-    )
-    out = [f"report {rep.start} to {rep.end} by {rep.group_by} ({rep.currency or 'no usage'})"]
-    out.append(header)
-    for key, fig in rep.groups:
-        out.append(
-            f"{key:<24} {fig.requests:>9} {fig.tokens:>12} {_q(fig.revenue):>14} "
-            f"{_q(fig.cost):>14} {_q(fig.margin):>14}"
-        )
+    """A table a person reads: one row per group, then the factory's totals (amounts to six
+    places here; --json has them exact)."""
+    columns = ("requests", "tokens", "revenue", "credits", "cost", "margin")
+    out = [
+        f"report {rep.start} to {rep.end} by {rep.group_by} ({rep.currency or 'no usage'})",
+        f"{'group':<24}" + "".join(f"{name:>14}" for name in columns),
+    ]
+    for key, fig in [*rep.groups, ("total", rep.totals)]:
+        cells = (fig.requests, fig.tokens, *map(_q, (fig.revenue, fig.credits, fig.cost)))
+        out.append(f"{key:<24}" + "".join(f"{cell:>14}" for cell in (*cells, _q(fig.margin))))
     t = rep.totals.as_json()
     out += [
-        "",
-        f"factory totals: {t['requests']} requests, {t['tokens']} tokens, "
-        f"{t['energy_j']} J ({t['energy_kwh']} kWh)",
-        f"revenue {t['revenue']}, credits {t['credits']}, cost {t['cost']}, margin {t['margin']}",
-        f"per million tokens: revenue {t['revenue_per_mtok']}, cost {t['cost_per_mtok']}",
+        f"energy {t['energy_j']} J ({t['energy_kwh']} kWh); per million tokens: "
+        f"revenue {t['revenue_per_mtok']}, cost {t['cost_per_mtok']}",
     ]
     return "\n".join(out)
 

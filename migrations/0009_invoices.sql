@@ -67,7 +67,9 @@ CREATE TABLE ledger.credit_notes (
     invoice_id     text NOT NULL REFERENCES ledger.invoices,
     customer_id    text NOT NULL,
     currency       text NOT NULL,
-    total          numeric NOT NULL CHECK (total < 0),
+    -- A credit of less than half a cent rounds to a 0.00 line, and its note to 0.00: issued
+    -- all the same, so that the credit is on a document (and never swept again).
+    total          numeric NOT NULL CHECK (total <= 0),
     issued_at      timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX credit_notes_by_invoice ON ledger.credit_notes (invoice_id);

@@ -316,3 +316,16 @@ async def test_exports_are_a_pdf_a_reader_can_walk_and_a_csv_that_adds_up(pool):
     assert total["kind"] == "total" and total["invoice"] == final.number
     assert sum(Decimal(row["amount"]) for row in lines) == Decimal(total["amount"])
     assert Decimal(total["amount"]) == Decimal("2.00")
+
+
+async def test_a_late_credit_under_half_a_cent_still_gets_its_note_once(pool):
+    who = customer()
+    request = usage_record(who, at("2025-11"), input_tokens=MTOK)
+    await book(pool, [request])
+    await issue(pool, "2025-11")
+    await credit(pool, who, request[0], "slo_e2e", "0.004")
+    (number,) = (await issue(pool, "2025-11")).credit_notes
+    (note,) = (await the_invoice(pool, who)).credit_notes
+    assert note.number == number and note.total == Decimal("0.00")
+    assert note.lines[0].amount_exact == Decimal("-0.004")
+    assert (await issue(pool, "2025-11")).credit_notes == []

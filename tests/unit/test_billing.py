@@ -1,5 +1,6 @@
 """Invoice arithmetic: periods, the one rounding rule, lines, numbers."""
 
+import io
 from datetime import UTC, date, datetime
 from decimal import Decimal
 
@@ -16,6 +17,7 @@ from tokenmill.ledger.billing import (
     parse_day,
     round_line,
 )
+from tokenmill.ledger.commands import Progress
 from tokenmill.ledger.rating import TokenCounts
 
 
@@ -104,3 +106,20 @@ def test_any_invoice_total_equals_the_sum_of_its_lines_to_the_cent(pairs):
 def test_document_numbers_are_zero_padded_per_series_and_year():
     assert document_number("TM", 2026, 1) == "TM-2026-000001"
     assert document_number("CN", 2027, 123456) == "CN-2027-123456"
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_in_a_log():
+    terminal, log = Terminal(), io.StringIO()
+    for stream in (terminal, log):
+        progress = Progress(stream, "finalizing 2026-11")
+        progress.start(4)
+        progress.advance(2)
+        progress.advance(2)
+    assert terminal.getvalue().endswith(f"\rfinalizing 2026-11 [{'#' * 30}] 4/4\n")
+    assert "[" + "#" * 15 + "-" * 15 + "] 2/4" in terminal.getvalue()
+    assert log.getvalue().splitlines() == [f"finalizing 2026-11: {n}/4" for n in (0, 2, 4)]

@@ -288,8 +288,9 @@ async def issue_period(
     on_batch: Callable[[int], None] = lambda done: None,
 ) -> IssueResult:
     """Finalize every draft of `period` (one customer's with `customer_id`), `batch_size` per
-    transaction, then put late credits on credit notes. Safe to re-run after a crash: only
-    drafts are finalized, and a batch that did not commit took no number."""
+    transaction, then put late credits (of any period; that customer's) on credit notes.
+    Safe to re-run after a crash: only drafts are finalized, and a batch that did not commit
+    took no number."""
     check_period_over(period, now, grace_s)
     assert batch_size >= 1, batch_size
     rows = await conn.fetch(
@@ -305,39 +306,44 @@ async def issue_period(
         batch = drafts[start : start + batch_size]
         finalized += await finalize_batch(conn, period, batch)
         on_batch(len(batch))
-    notes = await issue_credit_notes(conn, batch_size)
+    notes = await issue_credit_notes(conn, batch_size, customer_id)
     return IssueResult(finalized, len(rows) - len(drafts), notes)
 
 
+# Credits no document shows yet whose period's invoice is final, for the first $1 invoices
+# (of customer $2 only, when given).
 _LATE_CREDITS = """
-SELECT i.invoice_id, i.customer_id, i.currency, c.credit_id, c.reason, c.amount
-FROM ledger.credits c
-JOIN ledger.invoices i ON i.customer_id = c.customer_id AND i.period = c.period
-                      AND i.currency = c.currency AND i.status = 'finalized'
-WHERE NOT EXISTS (SELECT 1 FROM ledger.credit_applications a WHERE a.credit_id = c.credit_id)
-  AND i.invoice_id IN (
-      SELECT i2.invoice_id FROM ledger.credits c2
-      JOIN ledger.invoices i2 ON i2.customer_id = c2.customer_id AND i2.period = c2.period
-                             AND i2.currency = c2.currency AND i2.status = 'finalized'
-      WHERE NOT EXISTS (SELECT 1 FROM ledger.credit_applications a2
-                        WHERE a2.credit_id = c2.credit_id)
-      GROUP BY i2.invoice_id ORDER BY i2.invoice_id LIMIT $1)
-ORDER BY i.invoice_id, c.credit_id
+WITH late AS (
+    SELECT i.invoice_id, i.customer_id, i.currency, c.credit_id, c.reason, c.amount
+    FROM ledger.credits c
+    JOIN ledger.invoices i ON i.customer_id = c.customer_id AND i.period = c.period
+                          AND i.currency = c.currency AND i.status = 'finalized'
+    WHERE ($2::text IS NULL OR c.customer_id = $2)
+      AND NOT EXISTS (SELECT 1 FROM ledger.credit_applications a
+                      WHERE a.credit_id = c.credit_id))
+SELECT * FROM late
+WHERE invoice_id IN (SELECT DISTINCT invoice_id FROM late ORDER BY invoice_id LIMIT $1)
+ORDER BY invoice_id, credit_id
 """
 
 
-async def issue_credit_notes(conn: asyncpg.Connection, batch_size: int) -> list[str]:
-    """Put every credit of a finalized invoice that no document shows yet on a credit note
-    for that invoice, `batch_size` invoices per transaction; return the notes' numbers."""
+async def issue_credit_notes(
+    conn: asyncpg.Connection, batch_size: int, customer_id: str | None = None
+) -> list[str]:
+    """Put every credit of a finalized invoice (of `customer_id` only, when given) that no
+    document shows yet on a credit note for that invoice, `batch_size` invoices per
+    transaction; return the notes' numbers."""
     numbers: list[str] = []
     while True:
-        issued = await _credit_notes_batch(conn, batch_size)
+        issued = await _credit_notes_batch(conn, batch_size, customer_id)
         if not issued:
             return numbers
         numbers += issued
 
 
-async def _credit_notes_batch(conn: asyncpg.Connection, batch_size: int) -> list[str]:
+async def _credit_notes_batch(
+    conn: asyncpg.Connection, batch_size: int, customer_id: str | None
+) -> list[str]:
     async with conn.transaction():
         year = await conn.fetchval("SELECT extract(year FROM now() AT TIME ZONE 'UTC')::int")
         series = f"{CREDIT_NOTE_SERIES}-{year}"
@@ -348,7 +354,7 @@ async def _credit_notes_batch(conn: asyncpg.Connection, batch_size: int) -> list
             "ON CONFLICT (series) DO UPDATE SET last_no = document_counters.last_no",
             series,
         )
-        rows = await conn.fetch(_LATE_CREDITS, batch_size)
+        rows = await conn.fetch(_LATE_CREDITS, batch_size, customer_id)
         by_invoice: dict[str, list[asyncpg.Record]] = defaultdict(list)
         for row in rows:
             by_invoice[row["invoice_id"]].append(row)

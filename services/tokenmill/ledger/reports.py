@@ -120,7 +120,9 @@ async def report(
         "coalesce(sum(c.amount), 0) AS credits, coalesce(sum(u.cost), 0) AS cost, "
         "min(u.currency) AS currency, count(DISTINCT u.currency) AS currencies "
         "FROM ledger.request_usage u "
+        # A credit's period is its request's (migration 0009): only the range's months.
         "LEFT JOIN (SELECT request_id, sum(amount) AS amount FROM ledger.credits "
+        "           WHERE period BETWEEN ledger.billing_period($1) AND ledger.billing_period($2) "
         "           GROUP BY request_id) c ON c.request_id = u.request_id "
         "WHERE u.submitted_at >= $1 AND u.submitted_at < $2 "
         f"GROUP BY ROLLUP ({key}) ORDER BY grp NULLS LAST LIMIT $3",

@@ -169,18 +169,22 @@ def invoice_pdf(invoice: Invoice) -> bytes:
     ):
         pdf.cell(0, 6, text, new_x="LMARGIN", new_y="NEXT")
     pdf.ln(4)
-    widths = (100, 30, 30, 30)
-    _row(pdf, widths, ("Line", "Tokens", "Charged", "Amount"), bold=True)
-    for line in fig.lines:
-        tokens = f"{line.tokens:,}" if line.kind == "usage" else ""
-        charged = f"{line.charged_tokens:,}" if line.kind == "usage" else ""
-        _row(pdf, widths, (_describe(line), tokens, charged, money(line.amount)))
-    for label, amount in (
-        ("Subtotal", fig.subtotal),
-        ("Credits", fig.credits_total),
-        ("Total", fig.total),
-    ):
-        _row(pdf, widths, (label, "", "", f"{money(amount)} {invoice.currency}"), bold=True)
+    # A table wraps a long line description (a long model name) instead of overprinting.
+    pdf.set_font("Helvetica", size=9)
+    with pdf.table(
+        col_widths=(100, 30, 30, 30), text_align=("LEFT", "RIGHT", "RIGHT", "RIGHT")
+    ) as table:
+        table.row(("Line", "Tokens", "Charged", "Amount"))
+        for line in fig.lines:
+            tokens = f"{line.tokens:,}" if line.kind == "usage" else ""
+            charged = f"{line.charged_tokens:,}" if line.kind == "usage" else ""
+            table.row((_describe(line), tokens, charged, money(line.amount)))
+        for label, amount in (
+            ("Subtotal", fig.subtotal),
+            ("Credits", fig.credits_total),
+            ("Total", fig.total),
+        ):
+            table.row((label, "", "", f"{money(amount)} {invoice.currency}"))
     pdf.ln(4)
     pdf.set_font("Helvetica", "I", 8)
     pdf.multi_cell(0, 5, ROUNDING_RULE, new_x="LMARGIN", new_y="NEXT")
@@ -194,13 +198,6 @@ def invoice_pdf(invoice: Invoice) -> bytes:
             new_y="NEXT",
         )
     return bytes(pdf.output())
-
-
-def _row(pdf: FPDF, widths: tuple[int, ...], cells: tuple[str, ...], bold: bool = False) -> None:
-    pdf.set_font("Helvetica", "B" if bold else "", 9)
-    for i, (width, text) in enumerate(zip(widths, cells, strict=True)):
-        pdf.cell(width, 6, text, border="B", align="L" if i == 0 else "R")
-    pdf.ln(6)
 
 
 def summary_line(invoice: Invoice) -> str:

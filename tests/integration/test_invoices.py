@@ -197,7 +197,7 @@ async def test_issue_again_after_a_crash_gives_no_second_invoice_and_no_gap(pool
     first = await issue(pool, "2025-03", batch_size=2)
     assert len(first.finalized) == 5 and first.already_final == 0
     again = await issue(pool, "2025-03", batch_size=2)
-    assert again.finalized == [] and again.already_final == 5
+    assert again.finalized == [] and again.already_final == 5 and again.unbilled == []
     numbers = [(await the_invoice(pool, c)).number for c in customers]
     assert sorted(numbers) == sorted(first.finalized)
     assert [int(n[-6:]) for n in sorted(numbers)] == list(
@@ -329,3 +329,13 @@ async def test_a_late_credit_under_half_a_cent_still_gets_its_note_once(pool):
     assert note.number == number and note.total == Decimal("0.00")
     assert note.lines[0].amount_exact == Decimal("-0.004")
     assert (await issue(pool, "2025-11")).credit_notes == []
+
+
+async def test_usage_booked_after_its_invoice_was_finalized_is_reported(pool):
+    who = customer()
+    await book(pool, [usage_record(who, at("2025-12"), input_tokens=MTOK)])
+    (number,) = (await issue(pool, "2025-12")).finalized
+    # A request of December, booked after December's invoice was final: on no invoice.
+    await book(pool, [usage_record(who, at("2025-12", 31, 23), input_tokens=MTOK)])
+    assert (await issue(pool, "2025-12")).unbilled == [number]
+    assert (await the_invoice(pool, who)).figures.total == Decimal("0.50")

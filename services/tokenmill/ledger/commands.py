@@ -134,6 +134,7 @@ async def _issue(conn: asyncpg.Connection, settings: Settings, args: argparse.Na
                 "finalized": result.finalized,
                 "already_finalized": result.already_final,
                 "credit_notes": result.credit_notes,
+                "usage_after_finalizing": result.unbilled,
             },
             indent=2,
         )
@@ -144,6 +145,11 @@ async def _issue(conn: asyncpg.Connection, settings: Settings, args: argparse.Na
         f"credit notes issued for late credits: {len(result.credit_notes)}"
         + (f" ({', '.join(result.credit_notes)})" if result.credit_notes else ""),
     ]
+    if result.unbilled:
+        lines.append(
+            f"warning: usage of {period} was booked after these invoices were finalized and "
+            f"is on no invoice: {', '.join(result.unbilled)}"
+        )
     return "\n".join(lines)
 
 

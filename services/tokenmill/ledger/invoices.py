@@ -76,6 +76,9 @@ class IssueResult:
     finalized: list[str]
     already_final: int
     credit_notes: list[str]
+    # Finalized invoices of the period whose usage grew after they were finalized (requests
+    # booked past the grace): those tokens are on no invoice, and the operator must know.
+    unbilled: list[str]
 
 
 _USAGE = """
@@ -307,7 +310,29 @@ async def issue_period(
         finalized += await finalize_batch(conn, period, batch)
         on_batch(len(batch))
     notes = await issue_credit_notes(conn, batch_size, customer_id)
-    return IssueResult(finalized, len(rows) - len(drafts), notes)
+    unbilled = await usage_after_finalizing(conn, period, customer_id)
+    return IssueResult(finalized, len(rows) - len(drafts), notes, unbilled)
+
+
+async def usage_after_finalizing(
+    conn: asyncpg.Connection, period: Period, customer_id: str | None = None
+) -> list[str]:
+    """The numbers of `period`'s finalized invoices whose customer has booked more tokens in
+    the period than the invoice shows."""
+    rows = await conn.fetch(
+        "SELECT i.number FROM ledger.invoices i JOIN ledger.request_usage u "
+        "ON u.customer_id = i.customer_id AND u.currency = i.currency "
+        "AND u.submitted_at >= $1 AND u.submitted_at < $2 "
+        "WHERE i.period = $3 AND i.status = 'finalized' "
+        "AND ($4::text IS NULL OR i.customer_id = $4) "
+        "GROUP BY i.invoice_id, i.number, i.used_tokens "
+        "HAVING sum(u.prompt_tokens + u.completion_tokens) <> i.used_tokens ORDER BY i.number",
+        period.start_at,
+        period.end_at,
+        period.start,
+        customer_id,
+    )
+    return [row["number"] for row in rows]
 
 
 # Credits no document shows yet whose period's invoice is final, for the first $1 invoices

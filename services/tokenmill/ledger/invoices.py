@@ -95,17 +95,18 @@ SELECT u.customer_id, u.currency, u.model, u.tier,
        sum(u.revenue_input) AS revenue_input,
        sum(u.revenue_cached_input) AS revenue_cached_input,
        sum(u.revenue_output) AS revenue_output
-FROM ledger.request_usage u
-WHERE u.submitted_at >= $1 AND u.submitted_at < $2 AND u.customer_id = ANY($3::text[])
+FROM unnest($3::text[]) AS batch (customer_id)
+JOIN ledger.request_usage u ON u.customer_id = batch.customer_id
+WHERE u.submitted_at >= $1 AND u.submitted_at < $2
+  -- Batches are runs of customers in id order: this range lets the customer index find a
+  -- batch's rows without reading the whole period for each batch.
+  AND u.customer_id BETWEEN $4 AND $5
 GROUP BY 1, 2, 3, 4, 5, 6
 """
 # The quota shown is the largest any plan version used in the period included.
 _INCLUDED = """
-SELECT u.customer_id, u.currency, max(p.included_tokens_monthly) AS included
-FROM (SELECT DISTINCT customer_id, currency, plan_id, plan_version FROM ledger.request_usage
-      WHERE submitted_at >= $1 AND submitted_at < $2 AND customer_id = ANY($3::text[])) u
-JOIN ledger.price_plans p ON p.plan_id = u.plan_id AND p.version = u.plan_version
-GROUP BY 1, 2
+SELECT plan_id, version, included_tokens_monthly FROM ledger.price_plans
+WHERE (plan_id, version) IN (SELECT * FROM unnest($1::text[], $2::text[]))
 """
 _PENDING_CREDITS = """
 SELECT c.customer_id, c.currency, c.reason, count(*) AS requests, sum(c.amount) AS amount,
@@ -138,18 +139,31 @@ def _usage_group(row: asyncpg.Record) -> UsageGroup:
     )
 
 
+async def _quotas(
+    conn: asyncpg.Connection, versions: set[tuple[str, str]]
+) -> dict[tuple[str, str], int]:
+    """The included tokens of each (plan, version)."""
+    if not versions:
+        return {}
+    plan_ids, plan_versions = zip(*sorted(versions), strict=True)
+    rows = await conn.fetch(_INCLUDED, list(plan_ids), list(plan_versions))
+    return {(row["plan_id"], row["version"]): row["included_tokens_monthly"] for row in rows}
+
+
 async def _drafts_figures(
     conn: asyncpg.Connection, period: Period, customers: Sequence[str]
 ) -> tuple[dict[tuple[str, str], Figures], dict[tuple[str, str], list[str]]]:
     """Per (customer, currency): the figures of its draft for `period` as the books stand now,
     and the ids of the credits those figures show."""
-    bounds = (period.start_at, period.end_at, list(customers))
+    assert customers, "a batch names its customers"
+    bounds = (period.start_at, period.end_at, list(customers), min(customers), max(customers))
     usage: dict[tuple[str, str], list[UsageGroup]] = defaultdict(list)
     for row in await conn.fetch(_USAGE, *bounds):
         usage[(row["customer_id"], row["currency"])].append(_usage_group(row))
+    quota = await _quotas(conn, {(g.plan_id, g.plan_version) for gs in usage.values() for g in gs})
     included = {
-        (row["customer_id"], row["currency"]): row["included"]
-        for row in await conn.fetch(_INCLUDED, *bounds)
+        key: max(quota.get((g.plan_id, g.plan_version), 0) for g in groups)
+        for key, groups in usage.items()
     }
     credits: dict[tuple[str, str], list[CreditGroup]] = defaultdict(list)
     credit_ids: dict[tuple[str, str], list[str]] = defaultdict(list)
@@ -319,20 +333,31 @@ async def usage_after_finalizing(
 ) -> list[str]:
     """The numbers of `period`'s finalized invoices whose customer has booked more tokens in
     the period than the invoice shows."""
-    rows = await conn.fetch(
-        "SELECT i.number FROM ledger.invoices i JOIN ledger.request_usage u "
-        "ON u.customer_id = i.customer_id AND u.currency = i.currency "
-        "AND u.submitted_at >= $1 AND u.submitted_at < $2 "
-        "WHERE i.period = $3 AND i.status = 'finalized' "
-        "AND ($4::text IS NULL OR i.customer_id = $4) "
-        "GROUP BY i.invoice_id, i.number, i.used_tokens "
-        "HAVING sum(u.prompt_tokens + u.completion_tokens) <> i.used_tokens ORDER BY i.number",
-        period.start_at,
-        period.end_at,
+    # Two plain queries compared here: joined in SQL, the planner may re-run the period's
+    # aggregate once per invoice.
+    used = {
+        (row["customer_id"], row["currency"]): row["used_tokens"]
+        for row in await conn.fetch(
+            "SELECT customer_id, currency, sum(prompt_tokens + completion_tokens) AS used_tokens "
+            "FROM ledger.request_usage WHERE submitted_at >= $1 AND submitted_at < $2 "
+            "AND ($3::text IS NULL OR customer_id = $3) GROUP BY customer_id, currency",
+            period.start_at,
+            period.end_at,
+            customer_id,
+        )
+    }
+    finalized = await conn.fetch(
+        "SELECT number, customer_id, currency, used_tokens FROM ledger.invoices "
+        "WHERE period = $1 AND status = 'finalized' AND ($2::text IS NULL OR customer_id = $2) "
+        "ORDER BY number",
         period.start,
         customer_id,
     )
-    return [row["number"] for row in rows]
+    return [
+        row["number"]
+        for row in finalized
+        if used.get((row["customer_id"], row["currency"]), 0) != row["used_tokens"]
+    ]
 
 
 # Credits no document shows yet whose period's invoice is final, for the first $1 invoices

@@ -11,6 +11,13 @@
 -- a draft show on the draft and are applied when it is finalized; credits that arrive after
 -- that go on a credit note (its own gapless series) that references the invoice, which stays
 -- as it was.
+--
+-- A request is billed exactly once: ledger.invoice_usage holds one row per billed request,
+-- naming the invoice it went on, written by the finalization that put it there. Usage booked
+-- after its period's invoice was finalized (or committed after the finalizer read the books)
+-- is on no invoice yet: a new draft, a SUPPLEMENTARY invoice of the same customer and period,
+-- collects it and is finalized like any other draft, with the next number of the same series
+-- and a reference to the period's original invoice.
 
 -- The billing period of a timestamp: the first day of its calendar month, UTC.
 CREATE FUNCTION ledger.billing_period(at timestamptz) RETURNS date
@@ -32,12 +39,31 @@ CREATE TABLE ledger.invoices (
     total                numeric,
     created_at           timestamptz NOT NULL DEFAULT now(),
     finalized_at         timestamptz,
-    UNIQUE (customer_id, period, currency),
+    -- A supplementary invoice names the period's original invoice (set when it is finalized:
+    -- a draft is a supplement exactly when its period already has a finalized invoice).
+    supplement_of        text REFERENCES ledger.invoices,
     CHECK ((status = 'finalized') = (number IS NOT NULL)),
     CHECK (status = 'draft' OR (finalized_at IS NOT NULL AND total = subtotal + credits_total
                                 AND included_tokens IS NOT NULL AND used_tokens IS NOT NULL))
 );
 CREATE INDEX invoices_by_period ON ledger.invoices (period, status);
+-- At most one draft per customer, period and currency (the one new usage goes on), and one
+-- original invoice; any number of finalized supplements.
+CREATE UNIQUE INDEX invoices_one_draft ON ledger.invoices (customer_id, period, currency)
+    WHERE status = 'draft';
+CREATE UNIQUE INDEX invoices_one_original ON ledger.invoices (customer_id, period, currency)
+    WHERE status = 'finalized' AND supplement_of IS NULL;
+
+-- Which invoice each request's usage went on. Marking the rows, rather than a watermark on
+-- booked_at or seq, is what makes this exact: a booking transaction may commit after the
+-- finalizer read the books with an earlier timestamp or sequence number, and a watermark would
+-- then skip it for good; here a row the finalizer did not see is simply not marked, and the
+-- next draft of its period collects it. The primary key makes a second billing fail.
+CREATE TABLE ledger.invoice_usage (
+    request_id text PRIMARY KEY REFERENCES ledger.request_usage,
+    invoice_id text NOT NULL REFERENCES ledger.invoices
+);
+CREATE INDEX invoice_usage_by_invoice ON ledger.invoice_usage (invoice_id);
 
 -- The lines of a finalized invoice, each amount rounded to the cent (ROUND_HALF_EVEN) from
 -- the exact amount beside it. A usage line is one model, tier, plan version and token class;
@@ -123,24 +149,32 @@ ALTER TABLE ledger.credits ENABLE TRIGGER credits_append_only;
 ALTER TABLE ledger.credits ALTER COLUMN period SET NOT NULL;
 CREATE INDEX credits_by_period ON ledger.credits (period, customer_id);
 
--- Drafts appear with the period's first usage or credit. Statement-level, over the inserted
--- rows: a booking batch of thousands of rows costs one INSERT here, not one per row.
+-- Drafts appear with the period's first usage or credit, and a supplementary draft with
+-- usage booked after the period's invoice was finalized. Statement-level, over the inserted
+-- rows: a booking batch of thousands of rows costs one INSERT here, not one per row. (A
+-- booking that commits after a finalizer read the books, while the draft it found was being
+-- finalized, gets its supplementary draft from the next `invoices issue`, which opens drafts
+-- for every unbilled request of the period first.)
 CREATE FUNCTION ledger.open_drafts_for_usage() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO ledger.invoices (customer_id, period, currency)
     SELECT DISTINCT customer_id, ledger.billing_period(submitted_at), currency FROM booked
-    ON CONFLICT (customer_id, period, currency) DO NOTHING;
+    ON CONFLICT (customer_id, period, currency) WHERE status = 'draft' DO NOTHING;
     RETURN NULL;
 END $$;
 CREATE TRIGGER request_usage_opens_draft AFTER INSERT ON ledger.request_usage
     REFERENCING NEW TABLE AS booked
     FOR EACH STATEMENT EXECUTE FUNCTION ledger.open_drafts_for_usage();
 
+-- A credit opens a draft only for a period with no invoice yet: one arriving later goes on a
+-- credit note for the original invoice, never on a supplement.
 CREATE FUNCTION ledger.open_drafts_for_credits() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO ledger.invoices (customer_id, period, currency)
-    SELECT DISTINCT customer_id, period, currency FROM booked
-    ON CONFLICT (customer_id, period, currency) DO NOTHING;
+    SELECT DISTINCT b.customer_id, b.period, b.currency FROM booked b
+    WHERE NOT EXISTS (SELECT 1 FROM ledger.invoices i WHERE i.customer_id = b.customer_id
+                      AND i.period = b.period AND i.currency = b.currency)
+    ON CONFLICT (customer_id, period, currency) WHERE status = 'draft' DO NOTHING;
     RETURN NULL;
 END $$;
 CREATE TRIGGER credits_open_draft AFTER INSERT ON ledger.credits
@@ -180,6 +214,8 @@ CREATE TRIGGER credit_note_lines_append_only BEFORE UPDATE OR DELETE ON ledger.c
     FOR EACH ROW EXECUTE FUNCTION ledger.refuse_change();
 CREATE TRIGGER credit_applications_append_only BEFORE UPDATE OR DELETE
     ON ledger.credit_applications FOR EACH ROW EXECUTE FUNCTION ledger.refuse_change();
+CREATE TRIGGER invoice_usage_append_only BEFORE UPDATE OR DELETE
+    ON ledger.invoice_usage FOR EACH ROW EXECUTE FUNCTION ledger.refuse_change();
 
 -- The rounding rule, checked at commit: a finalized invoice's total is the sum of its rounded
 -- lines (the total itself is never rounded), and so is a credit note's.

@@ -197,7 +197,8 @@ async def test_issue_again_after_a_crash_gives_no_second_invoice_and_no_gap(pool
     first = await issue(pool, "2025-03", batch_size=2)
     assert len(first.finalized) == 5 and first.already_final == 0
     again = await issue(pool, "2025-03", batch_size=2)
-    assert again.finalized == [] and again.already_final == 5 and again.unbilled == []
+    assert again.finalized == [] and again.already_final == 5
+    assert again.supplementary == [] and again.unbilled_requests == 0
     numbers = [(await the_invoice(pool, c)).number for c in customers]
     assert sorted(numbers) == sorted(first.finalized)
     assert [int(n[-6:]) for n in sorted(numbers)] == list(
@@ -331,11 +332,111 @@ async def test_a_late_credit_under_half_a_cent_still_gets_its_note_once(pool):
     assert (await issue(pool, "2025-11")).credit_notes == []
 
 
-async def test_usage_booked_after_its_invoice_was_finalized_is_reported(pool):
+async def invoices_of(pool: asyncpg.Pool, customer_id: str) -> list[invoices.Invoice]:
+    """The customer's invoices, oldest first, each with its lines."""
+    found = await invoices.list_invoices(pool, customer_id=customer_id, limit=10)
+    return [await invoices.find_invoice(pool, summary.invoice_id) for summary in found]
+
+
+async def billed_on(pool: asyncpg.Pool, customer_id: str) -> dict[str, list[str]]:
+    """Per request of the customer: the invoices (numbers or draft ids) that bill it."""
+    rows = await pool.fetch(
+        "SELECT u.request_id, coalesce(i.number, i.invoice_id) AS invoice FROM "
+        "ledger.request_usage u LEFT JOIN ledger.invoice_usage b USING (request_id) "
+        "LEFT JOIN ledger.invoices i ON i.invoice_id = b.invoice_id WHERE u.customer_id = $1",
+        customer_id,
+    )
+    found: dict[str, list[str]] = defaultdict(list)
+    for row in rows:
+        found[row["request_id"]] += [row["invoice"]] if row["invoice"] else []
+    return found
+
+
+async def test_usage_booked_after_finalizing_goes_on_a_supplementary_invoice_once(pool):
     who = customer()
     await book(pool, [usage_record(who, at("2025-12"), input_tokens=MTOK)])
     (number,) = (await issue(pool, "2025-12")).finalized
-    # A request of December, booked after December's invoice was final: on no invoice.
-    await book(pool, [usage_record(who, at("2025-12", 31, 23), input_tokens=MTOK)])
-    assert (await issue(pool, "2025-12")).unbilled == [number]
-    assert (await the_invoice(pool, who)).figures.total == Decimal("0.50")
+    (original,) = await invoices_of(pool, who)
+    before = invoice_render.invoice_json(original)
+    # Requests of December booked after December's invoice was final: a draft supplement at
+    # once, showing only them.
+    late = [
+        usage_record(who, at("2025-12", 31, 23), input_tokens=2 * MTOK, output_tokens=0),
+        usage_record(who, at("2025-12", 31, 23), output_tokens=MTOK, input_tokens=0),
+    ]
+    await book(pool, late)
+    _, draft = await invoices_of(pool, who)
+    assert draft.status == "draft" and draft.supplement_of == number
+    assert draft.figures.total == Decimal("2.50")
+
+    result = await issue(pool, "2025-12")
+    (supplement_number,) = result.finalized
+    assert result.supplementary == [supplement_number] and result.unbilled_requests == 0
+    assert int(supplement_number[-6:]) > int(number[-6:])  # the same series, numbered on
+    original, supplement = await invoices_of(pool, who)
+    assert invoice_render.invoice_json(original) == before
+    assert supplement.number == supplement_number and supplement.supplement_of == number
+    assert lines_of(supplement) == [
+        ("usage", "2026-01", "input", 2 * MTOK, Decimal("1.00")),
+        ("usage", "2026-01", "output", MTOK, Decimal("1.50")),
+    ]
+    assert supplement.figures.used_tokens == 3 * MTOK
+    assert "Supplementary to invoice " + number in invoice_render.invoice_text(supplement)
+    # Re-running issues nothing more, and every request is on exactly one issued invoice.
+    again = await issue(pool, "2025-12")
+    assert again.finalized == [] and again.supplementary == [] and again.already_final == 2
+    assert sorted(map(len, (await billed_on(pool, who)).values())) == [1, 1, 1]
+    # A late credit still goes on a credit note for the original, never on the supplement.
+    await credit(pool, who, late[0][0], "defective", "1.00")
+    assert len(await invoices_of(pool, who)) == 2
+    (note_number,) = (await issue(pool, "2025-12")).credit_notes
+    original, _ = await invoices_of(pool, who)
+    assert [note.number for note in original.credit_notes] == [note_number]
+    await assert_numbers_gapless(pool)
+
+
+async def test_a_booking_committed_after_the_finalizer_read_the_books_is_billed_once(pool):
+    who = customer()
+    await book(pool, [usage_record(who, at("2026-02"), input_tokens=MTOK, output_tokens=0)])
+    racing = usage_record(who, at("2026-02", 28, 23), input_tokens=2 * MTOK, output_tokens=0)
+    async with pool.acquire() as booking:
+        # The booking inserts while the draft is still open (its trigger finds the draft and
+        # opens nothing), then commits only after the whole issue run committed.
+        transaction = booking.transaction()
+        await transaction.start()
+        await book(booking, [racing])
+        first = await issue(pool, "2026-02")
+        assert len(first.finalized) == 1 and first.unbilled_requests == 0  # not visible yet
+        await transaction.commit()
+    (original,) = await invoices_of(pool, who)
+    assert original.figures.used_tokens == MTOK
+    # Not lost: the next run opens its supplement and issues it.
+    second = await issue(pool, "2026-02")
+    assert second.supplementary == second.finalized and len(second.finalized) == 1
+    _, supplement = await invoices_of(pool, who)
+    assert supplement.figures.used_tokens == 2 * MTOK
+    billed = await billed_on(pool, who)
+    assert billed[racing[0]] == [supplement.number]
+    assert sorted(map(len, billed.values())) == [1, 1]
+
+
+async def test_a_booking_waiting_on_a_finalization_opens_the_supplement_itself(pool):
+    who = customer()
+    await book(pool, [usage_record(who, at("2026-03"), input_tokens=MTOK, output_tokens=0)])
+    (draft,) = await invoices_of(pool, who)
+    racing = usage_record(who, at("2026-03", 31, 23), output_tokens=MTOK, input_tokens=0)
+    async with pool.acquire() as finalizer:
+        # The finalization has marked its rows and holds the draft when the booking arrives:
+        # the booking's trigger waits for it, then opens a new draft.
+        transaction = finalizer.transaction()
+        await transaction.start()
+        assert await invoices.finalize_batch(finalizer, Period.parse("2026-03"), [draft.invoice_id])
+        booking = asyncio.create_task(book(pool, [racing]))
+        await asyncio.sleep(0.5)
+        assert not booking.done()
+        await transaction.commit()
+        await booking
+    original, supplement = await invoices_of(pool, who)
+    assert original.figures.used_tokens == MTOK and supplement.status == "draft"
+    (number,) = (await issue(pool, "2026-03")).supplementary
+    assert (await billed_on(pool, who))[racing[0]] == [number]

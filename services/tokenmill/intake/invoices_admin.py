@@ -94,7 +94,8 @@ async def finalize(request: Request, body: FinalizeRequest) -> dict[str, Any]:
         "object": "list",
         "finalized_now": result.finalized,
         "credit_notes_issued": result.credit_notes,
-        "usage_after_finalizing": result.unbilled,
+        "supplementary_now": result.supplementary,
+        "unbilled_requests": result.unbilled_requests,
         "data": [invoice_render.summary_json(i) for i in found],
     }
 

@@ -133,8 +133,9 @@ async def _issue(conn: asyncpg.Connection, settings: Settings, args: argparse.Na
                 "period": str(period),
                 "finalized": result.finalized,
                 "already_finalized": result.already_final,
+                "supplementary": result.supplementary,
                 "credit_notes": result.credit_notes,
-                "usage_after_finalizing": result.unbilled,
+                "unbilled_requests": result.unbilled_requests,
             },
             indent=2,
         )
@@ -142,13 +143,15 @@ async def _issue(conn: asyncpg.Connection, settings: Settings, args: argparse.Na
         f"period {period}: finalized {len(result.finalized)} invoices"
         + (f" ({result.finalized[0]} to {result.finalized[-1]})" if result.finalized else "")
         + f", {result.already_final} were already final",
+        f"supplementary invoices for late usage: {len(result.supplementary)}"
+        + (f" ({', '.join(result.supplementary)})" if result.supplementary else ""),
         f"credit notes issued for late credits: {len(result.credit_notes)}"
         + (f" ({', '.join(result.credit_notes)})" if result.credit_notes else ""),
     ]
-    if result.unbilled:
+    if result.unbilled_requests:
         lines.append(
-            f"warning: usage of {period} was booked after these invoices were finalized and "
-            f"is on no invoice: {', '.join(result.unbilled)}"
+            f"note: {result.unbilled_requests} requests of {period} were booked while this ran; "
+            "they are on draft supplementary invoices, which the next run issues"
         )
     return "\n".join(lines)
 

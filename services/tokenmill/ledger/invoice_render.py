@@ -83,6 +83,7 @@ def summary_json(invoice: Invoice) -> dict[str, Any]:
         "id": invoice.invoice_id,
         "number": invoice.number,
         "status": invoice.status,
+        "supplement_of": invoice.supplement_of,
         "customer_id": invoice.customer_id,
         "period": str(invoice.period),
         "currency": invoice.currency,
@@ -156,6 +157,8 @@ def invoice_pdf(invoice: Invoice) -> bytes:
     pdf.set_title(f"Invoice {invoice.number or 'draft'}")
     pdf.set_font("Helvetica", "B", 16)
     title = f"Invoice {invoice.number}" if invoice.number else "Draft invoice (not final)"
+    if invoice.supplement_of:
+        title = title.replace("nvoice", "nvoice (supplementary)", 1)
     pdf.cell(0, 10, title, new_x="LMARGIN", new_y="NEXT")
     pdf.set_font("Helvetica", size=10)
     fig = invoice.figures
@@ -163,6 +166,7 @@ def invoice_pdf(invoice: Invoice) -> bytes:
         f"Customer: {invoice.customer_id}",
         f"Billing period: {invoice.period} (calendar month, UTC)",
         f"Currency: {invoice.currency}",
+        *_supplement_note(invoice),
         f"Issued: {invoice.finalized_at.isoformat() if invoice.finalized_at else '-'}",
         f"Included tokens: {fig.included_tokens:,}; used: {fig.used_tokens:,}; "
         f"covered by the quota: {fig.quota_used_tokens:,}",
@@ -200,6 +204,12 @@ def invoice_pdf(invoice: Invoice) -> bytes:
     return bytes(pdf.output())
 
 
+def _supplement_note(invoice: Invoice) -> list[str]:
+    if not invoice.supplement_of:
+        return []
+    return [f"Supplementary to invoice {invoice.supplement_of}: usage booked after it was issued"]
+
+
 def summary_line(invoice: Invoice) -> str:
     fig = invoice.figures
     number = invoice.number or "draft"
@@ -213,6 +223,7 @@ def invoice_text(invoice: Invoice) -> str:
     fig = invoice.figures
     out = [
         summary_line(invoice),
+        *_supplement_note(invoice),
         f"included tokens {fig.included_tokens}, used {fig.used_tokens}, "
         f"covered by the quota {fig.quota_used_tokens}",
     ]

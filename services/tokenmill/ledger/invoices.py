@@ -13,6 +13,17 @@ rather than in a trigger on ledger.credits, keeps the credit-note counter's lock
 ledger's booking transactions. No credit is lost or counted twice: ledger.credit_applications
 holds exactly one row per applied credit (its primary key), a finalization applies the credits
 it showed, and every sweep applies all the credits of finalized invoices not applied yet.
+
+Late usage: a request is billed exactly once, on the invoice ledger.invoice_usage names for
+it. A finalization marks exactly the rows it bills, in the same statement that sums them for
+the lines, so its lines and its marks are the same rows whatever commits meanwhile. A request
+booked after its period's invoice was finalized, or whose booking committed after the
+finalizer read the books, is unmarked: it goes on a SUPPLEMENTARY invoice of the same customer
+and period (a draft the booking opens, or the next issue run opens first thing), numbered from
+the same series and referencing the original. We mark rows rather than keep a watermark on
+booked_at or the event seq because transactions commit out of that order: a row with an
+earlier timestamp can become visible after the finalizer's snapshot, and a watermark would
+skip it forever.
 """
 
 from __future__ import annotations
@@ -68,6 +79,9 @@ class Invoice:
     created_at: datetime
     finalized_at: datetime | None
     figures: Figures
+    # The number of the period's original invoice when this is a supplementary invoice (or a
+    # draft that will be one).
+    supplement_of: str | None = None
     credit_notes: tuple[CreditNote, ...] = field(default=())
 
 
@@ -76,13 +90,27 @@ class IssueResult:
     finalized: list[str]
     already_final: int
     credit_notes: list[str]
-    # Finalized invoices of the period whose usage grew after they were finalized (requests
-    # booked past the grace): those tokens are on no invoice, and the operator must know.
-    unbilled: list[str]
+    # Those of `finalized` that are supplementary invoices (usage booked after the original).
+    supplementary: list[str]
+    # Requests of the period booked while this run ran, on no issued invoice yet: each is on a
+    # draft supplement now, which the next run issues.
+    unbilled_requests: int
 
 
-_USAGE = """
-SELECT u.customer_id, u.currency, u.model, u.tier,
+# The requests of the drafts $3 (with their customers $4 and currencies $5) that no issued
+# invoice bills yet, in period [$1, $2).
+_UNBILLED = """
+SELECT d.invoice_id, u.*
+FROM unnest($3::text[], $4::text[], $5::text[]) AS d (invoice_id, customer_id, currency)
+JOIN ledger.request_usage u ON u.customer_id = d.customer_id AND u.currency = d.currency
+WHERE u.submitted_at >= $1 AND u.submitted_at < $2
+  -- Batches are runs of customers in id order: this range lets the customer index find a
+  -- batch's rows without reading the whole period for each batch.
+  AND u.customer_id BETWEEN $6 AND $7
+  AND NOT EXISTS (SELECT 1 FROM ledger.invoice_usage b WHERE b.request_id = u.request_id)
+"""
+_SUMS = """
+SELECT u.invoice_id, u.model, u.tier,
        coalesce(u.plan_id, 'tier:' || u.tier) AS plan_id,
        coalesce(u.plan_version, u.price_version) AS plan_version,
        count(*) AS requests,
@@ -95,13 +123,22 @@ SELECT u.customer_id, u.currency, u.model, u.tier,
        sum(u.revenue_input) AS revenue_input,
        sum(u.revenue_cached_input) AS revenue_cached_input,
        sum(u.revenue_output) AS revenue_output
-FROM unnest($3::text[]) AS batch (customer_id)
-JOIN ledger.request_usage u ON u.customer_id = batch.customer_id
-WHERE u.submitted_at >= $1 AND u.submitted_at < $2
-  -- Batches are runs of customers in id order: this range lets the customer index find a
-  -- batch's rows without reading the whole period for each batch.
-  AND u.customer_id BETWEEN $4 AND $5
-GROUP BY 1, 2, 3, 4, 5, 6
+FROM unbilled u
+GROUP BY 1, 2, 3, 4, 5
+"""
+# A draft as the books stand now.
+_USAGE = f"WITH unbilled AS ({_UNBILLED}) {_SUMS}"
+# A draft being finalized: the rows summed are the rows marked, in one statement.
+_MARK_USAGE = f"""
+WITH unbilled AS ({_UNBILLED}),
+marked AS (INSERT INTO ledger.invoice_usage (request_id, invoice_id)
+           SELECT request_id, invoice_id FROM unbilled)
+{_SUMS}"""
+# The period's original (finalized, not supplementary) invoices of customers $2.
+_ORIGINALS = """
+SELECT customer_id, currency, invoice_id FROM ledger.invoices
+WHERE period = $1 AND customer_id = ANY($2::text[]) AND status = 'finalized'
+  AND supplement_of IS NULL
 """
 # The quota shown is the largest any plan version used in the period included.
 _INCLUDED = """
@@ -150,30 +187,59 @@ async def _quotas(
     return {(row["plan_id"], row["version"]): row["included_tokens_monthly"] for row in rows}
 
 
+@dataclass(frozen=True)
+class DraftFigures:
+    """A draft's figures, the ids of the credits they show, and the original invoice (id) it
+    supplements, if any."""
+
+    figures: Figures
+    credit_ids: list[str]
+    supplement_of: str | None
+
+
 async def _drafts_figures(
-    conn: asyncpg.Connection, period: Period, customers: Sequence[str]
-) -> tuple[dict[tuple[str, str], Figures], dict[tuple[str, str], list[str]]]:
-    """Per (customer, currency): the figures of its draft for `period` as the books stand now,
-    and the ids of the credits those figures show."""
-    assert customers, "a batch names its customers"
-    bounds = (period.start_at, period.end_at, list(customers), min(customers), max(customers))
-    usage: dict[tuple[str, str], list[UsageGroup]] = defaultdict(list)
-    for row in await conn.fetch(_USAGE, *bounds):
-        usage[(row["customer_id"], row["currency"])].append(_usage_group(row))
+    conn: asyncpg.Connection, period: Period, drafts: Sequence[asyncpg.Record], *, mark: bool
+) -> dict[str, DraftFigures]:
+    """Per draft of `period` (invoice_id, customer_id, currency): its figures from the usage no
+    issued invoice bills yet; with `mark`, those requests are marked as billed by it. Credits
+    not applied yet go on original invoices only: after the original, on credit notes."""
+    assert drafts, "a batch names its drafts"
+    customers = sorted({d["customer_id"] for d in drafts})
+    bounds = (
+        period.start_at,
+        period.end_at,
+        [d["invoice_id"] for d in drafts],
+        [d["customer_id"] for d in drafts],
+        [d["currency"] for d in drafts],
+        customers[0],
+        customers[-1],
+    )
+    usage: dict[str, list[UsageGroup]] = defaultdict(list)
+    for row in await conn.fetch(_MARK_USAGE if mark else _USAGE, *bounds):
+        usage[row["invoice_id"]].append(_usage_group(row))
     quota = await _quotas(conn, {(g.plan_id, g.plan_version) for gs in usage.values() for g in gs})
-    included = {
-        key: max(quota.get((g.plan_id, g.plan_version), 0) for g in groups)
-        for key, groups in usage.items()
+    originals = {
+        (row["customer_id"], row["currency"]): row["invoice_id"]
+        for row in await conn.fetch(_ORIGINALS, period.start, customers)
     }
     credits: dict[tuple[str, str], list[CreditGroup]] = defaultdict(list)
     credit_ids: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for row in await conn.fetch(_PENDING_CREDITS, period.start, list(customers)):
+    for row in await conn.fetch(_PENDING_CREDITS, period.start, customers):
         key = (row["customer_id"], row["currency"])
         credits[key].append(CreditGroup(row["reason"], row["requests"], row["amount"]))
         credit_ids[key].extend(row["credit_ids"])
-    keys = set(usage) | set(credits)
-    result = {key: figures(usage[key], credits[key], included.get(key, 0)) for key in keys}
-    return result, credit_ids
+    result = {}
+    for draft in drafts:
+        key, groups = (draft["customer_id"], draft["currency"]), usage[draft["invoice_id"]]
+        original = originals.get(key)
+        included = max((quota.get((g.plan_id, g.plan_version), 0) for g in groups), default=0)
+        shown = credits[key] if original is None else []
+        result[draft["invoice_id"]] = DraftFigures(
+            figures(groups, shown, included),
+            credit_ids[key] if original is None else [],
+            original,
+        )
+    return result
 
 
 async def take_numbers(conn: asyncpg.Connection, series: str, count: int) -> list[int]:
@@ -240,20 +306,21 @@ async def finalize_batch(
         )
         if not drafts:
             return []
-        found, credit_ids = await _drafts_figures(
-            conn, period, sorted({d["customer_id"] for d in drafts})
-        )
+        found = await _drafts_figures(conn, period, drafts, mark=True)
+        drafts = await _drop_empty_supplements(conn, drafts, found)
+        if not drafts:
+            return []
         drafts = sorted(drafts, key=lambda d: (d["customer_id"], d["currency"]))
         year = await conn.fetchval("SELECT extract(year FROM now() AT TIME ZONE 'UTC')::int")
         series = f"{INVOICE_SERIES}-{year}"
         numbers = await take_numbers(conn, series, len(drafts))
         lines, applied, updates = [], [], []
         for draft, number in zip(drafts, numbers, strict=True):
-            key = (draft["customer_id"], draft["currency"])
-            fig = found.get(key) or figures([], [], 0)
             invoice_id = draft["invoice_id"]
+            draft_figures = found[invoice_id]
+            fig = draft_figures.figures
             lines += [_line_record(invoice_id, n, line) for n, line in enumerate(fig.lines, 1)]
-            applied += [(credit_id, invoice_id) for credit_id in credit_ids.get(key, [])]
+            applied += [(credit_id, invoice_id) for credit_id in draft_figures.credit_ids]
             updates.append(
                 (
                     invoice_id,
@@ -263,6 +330,7 @@ async def finalize_batch(
                     fig.subtotal,
                     fig.credits_total,
                     fig.total,
+                    draft_figures.supplement_of,
                 )
             )
         if lines:
@@ -277,10 +345,31 @@ async def finalize_batch(
         await conn.executemany(
             "UPDATE ledger.invoices SET status = 'finalized', number = $2, included_tokens = $3, "
             "used_tokens = $4, subtotal = $5, credits_total = $6, total = $7, "
-            "finalized_at = now() WHERE invoice_id = $1",
+            "supplement_of = $8, finalized_at = now() WHERE invoice_id = $1",
             updates,
         )
         return [update[1] for update in updates]
+
+
+async def _drop_empty_supplements(
+    conn: asyncpg.Connection, drafts: list[asyncpg.Record], found: dict[str, DraftFigures]
+) -> list[asyncpg.Record]:
+    """Delete the supplementary drafts that bill nothing, and return the other drafts.
+
+    Such a draft is opened when a run or a booking read usage as unbilled while a finalization
+    that bills it was still committing (the insert waits for that draft, then opens a new
+    one). Issuing it would be an empty supplementary invoice; a booking it missed is unbilled
+    still, and the next run opens a draft for it again.
+    """
+    empty = [
+        d["invoice_id"]
+        for d in drafts
+        if found[d["invoice_id"]].supplement_of is not None
+        and not found[d["invoice_id"]].figures.lines
+    ]
+    if empty:
+        await conn.execute("DELETE FROM ledger.invoices WHERE invoice_id = ANY($1::text[])", empty)
+    return [d for d in drafts if d["invoice_id"] not in empty]
 
 
 def check_period_over(period: Period, now: datetime, grace_s: float) -> None:
@@ -306,10 +395,13 @@ async def issue_period(
 ) -> IssueResult:
     """Finalize every draft of `period` (one customer's with `customer_id`), `batch_size` per
     transaction, then put late credits (of any period; that customer's) on credit notes.
-    Safe to re-run after a crash: only drafts are finalized, and a batch that did not commit
-    took no number."""
+    Drafts are first opened for any of the period's requests no invoice bills yet (a booking
+    that committed after an earlier run read the books), so those are issued too, on
+    supplementary invoices. Safe to re-run after a crash: only drafts are finalized, and a
+    batch that did not commit took no number."""
     check_period_over(period, now, grace_s)
     assert batch_size >= 1, batch_size
+    await open_drafts_for_unbilled(conn, period, customer_id)
     rows = await conn.fetch(
         "SELECT invoice_id, status FROM ledger.invoices WHERE period = $1 "
         "AND ($2::text IS NULL OR customer_id = $2) ORDER BY customer_id, currency",
@@ -324,40 +416,48 @@ async def issue_period(
         finalized += await finalize_batch(conn, period, batch)
         on_batch(len(batch))
     notes = await issue_credit_notes(conn, batch_size, customer_id)
-    unbilled = await usage_after_finalizing(conn, period, customer_id)
-    return IssueResult(finalized, len(rows) - len(drafts), notes, unbilled)
-
-
-async def usage_after_finalizing(
-    conn: asyncpg.Connection, period: Period, customer_id: str | None = None
-) -> list[str]:
-    """The numbers of `period`'s finalized invoices whose customer has booked more tokens in
-    the period than the invoice shows."""
-    # Two plain queries compared here: joined in SQL, the planner may re-run the period's
-    # aggregate once per invoice.
-    used = {
-        (row["customer_id"], row["currency"]): row["used_tokens"]
-        for row in await conn.fetch(
-            "SELECT customer_id, currency, sum(prompt_tokens + completion_tokens) AS used_tokens "
-            "FROM ledger.request_usage WHERE submitted_at >= $1 AND submitted_at < $2 "
-            "AND ($3::text IS NULL OR customer_id = $3) GROUP BY customer_id, currency",
-            period.start_at,
-            period.end_at,
-            customer_id,
-        )
-    }
-    finalized = await conn.fetch(
-        "SELECT number, customer_id, currency, used_tokens FROM ledger.invoices "
-        "WHERE period = $1 AND status = 'finalized' AND ($2::text IS NULL OR customer_id = $2) "
-        "ORDER BY number",
-        period.start,
-        customer_id,
+    supplementary = await conn.fetch(
+        "SELECT number FROM ledger.invoices WHERE number = ANY($1::text[]) "
+        "AND supplement_of IS NOT NULL ORDER BY number",
+        finalized,
     )
-    return [
-        row["number"]
-        for row in finalized
-        if used.get((row["customer_id"], row["currency"]), 0) != row["used_tokens"]
-    ]
+    # Bookings that committed while this run ran: they get their drafts now, never lost.
+    unbilled = await open_drafts_for_unbilled(conn, period, customer_id)
+    return IssueResult(
+        finalized,
+        len(rows) - len(drafts),
+        notes,
+        [row["number"] for row in supplementary],
+        unbilled,
+    )
+
+
+# Opens a draft for each customer and currency with requests of period [$2, $3) that no
+# invoice bills (customer $4 only, when given); returns how many such requests there are.
+_OPEN_DRAFTS_FOR_UNBILLED = """
+WITH unbilled AS (
+    SELECT u.customer_id, u.currency, count(*) AS requests FROM ledger.request_usage u
+    WHERE u.submitted_at >= $2 AND u.submitted_at < $3
+      AND ($4::text IS NULL OR u.customer_id = $4)
+      AND NOT EXISTS (SELECT 1 FROM ledger.invoice_usage b WHERE b.request_id = u.request_id)
+    GROUP BY 1, 2),
+opened AS (
+    INSERT INTO ledger.invoices (customer_id, period, currency)
+    SELECT customer_id, $1, currency FROM unbilled
+    ON CONFLICT (customer_id, period, currency) WHERE status = 'draft' DO NOTHING)
+SELECT coalesce(sum(requests), 0)::bigint FROM unbilled
+"""
+
+
+async def open_drafts_for_unbilled(
+    conn: asyncpg.Connection, period: Period, customer_id: str | None = None
+) -> int:
+    """Make sure every request of `period` that no invoice bills yet is on a draft (the
+    booking's trigger opens it, except when the booking committed after a finalizer read the
+    books); return how many such requests there are."""
+    return await conn.fetchval(
+        _OPEN_DRAFTS_FOR_UNBILLED, period.start, period.start_at, period.end_at, customer_id
+    )
 
 
 # Credits no document shows yet whose period's invoice is final, for the first $1 invoices
@@ -368,6 +468,7 @@ WITH late AS (
     FROM ledger.credits c
     JOIN ledger.invoices i ON i.customer_id = c.customer_id AND i.period = c.period
                           AND i.currency = c.currency AND i.status = 'finalized'
+                          AND i.supplement_of IS NULL
     WHERE ($2::text IS NULL OR c.customer_id = $2)
       AND NOT EXISTS (SELECT 1 FROM ledger.credit_applications a
                       WHERE a.credit_id = c.credit_id))
@@ -455,9 +556,13 @@ async def _write_credit_note(
     return number
 
 
+# The original's number is that of the period's other invoice that is final and no supplement.
 _INVOICE_COLUMNS = (
     "invoice_id, customer_id, period, currency, status, number, created_at, finalized_at, "
-    "included_tokens, used_tokens"
+    "included_tokens, used_tokens, "
+    "(SELECT o.number FROM ledger.invoices o WHERE o.customer_id = i.customer_id "
+    "AND o.period = i.period AND o.currency = i.currency AND o.status = 'finalized' "
+    "AND o.supplement_of IS NULL AND o.invoice_id <> i.invoice_id) AS supplement_of"
 )
 
 
@@ -470,9 +575,9 @@ async def list_invoices(
 ) -> list[Invoice]:
     """Invoices (drafts with their current figures), newest period first."""
     rows = await conn.fetch(
-        f"SELECT {_INVOICE_COLUMNS} FROM ledger.invoices "
+        f"SELECT {_INVOICE_COLUMNS} FROM ledger.invoices i "
         "WHERE ($1::date IS NULL OR period = $1) AND ($2::text IS NULL OR customer_id = $2) "
-        "ORDER BY period DESC, customer_id, currency LIMIT $3",
+        "ORDER BY period DESC, customer_id, currency, created_at LIMIT $3",
         period.start if period else None,
         customer_id,
         limit,
@@ -486,7 +591,8 @@ async def find_invoice(
     """The invoice with id or number `ref` (only `customer_id`'s when given), with its lines
     and credit notes."""
     row = await conn.fetchrow(
-        f"SELECT {_INVOICE_COLUMNS} FROM ledger.invoices WHERE (invoice_id = $1 OR number = $1) "
+        f"SELECT {_INVOICE_COLUMNS} FROM ledger.invoices i "
+        "WHERE (invoice_id = $1 OR number = $1) "
         "AND ($2::text IS NULL OR customer_id = $2)",
         ref,
         customer_id,
@@ -497,8 +603,8 @@ async def find_invoice(
 async def _invoice(conn, row: asyncpg.Record, *, with_notes: bool) -> Invoice:
     period = Period(row["period"])
     if row["status"] == "draft":
-        found, _ = await _drafts_figures(conn, period, [row["customer_id"]])
-        fig = found.get((row["customer_id"], row["currency"])) or figures([], [], 0)
+        found = await _drafts_figures(conn, period, [row], mark=False)
+        fig = found[row["invoice_id"]].figures
     else:
         lines = await conn.fetch(
             "SELECT * FROM ledger.invoice_lines WHERE invoice_id = $1 ORDER BY line_no",
@@ -518,6 +624,7 @@ async def _invoice(conn, row: asyncpg.Record, *, with_notes: bool) -> Invoice:
         created_at=row["created_at"],
         finalized_at=row["finalized_at"],
         figures=fig,
+        supplement_of=row["supplement_of"],
         credit_notes=tuple(notes),
     )
 

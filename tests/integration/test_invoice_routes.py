@@ -90,6 +90,41 @@ async def test_a_customer_sees_its_own_invoices_and_never_anothers(
     (bobs,) = (await client.get("/v1/invoices", headers=auth(bob_key))).json()["data"]
     assert bobs["status"] == "draft" and bobs["total"] == "1.00"
 
+    # A request of August booked after Alice's invoice was issued: the admin finalization
+    # issues it on a supplementary invoice, which names the original; she sees both.
+    await book(pool, [usage_record(alice, at("2025-08", 31), input_tokens=MTOK)])
+    late = await client.post(
+        "/admin/v1/invoices/finalize",
+        json={"customer_id": alice, "period": "2025-08"},
+        headers=auth(ADMIN_TOKEN),
+    )
+    (supplement,) = late.json()["supplementary_now"]
+    assert late.json()["finalized_now"] == [supplement]
+    listed = (await client.get("/v1/invoices", headers=auth(alice_key))).json()["data"]
+    assert [(i["number"], i["supplement_of"], i["total"]) for i in listed] == [
+        (number, None, "0.50"),
+        (supplement, number, "0.50"),
+    ]
+
+
+async def test_the_admin_routes_are_declared_in_the_openapi_document(
+    client: httpx.AsyncClient,
+):
+    paths = (await client.get("/openapi.json")).json()["paths"]
+    declared = {
+        (method.upper(), path): sorted(operation["responses"])
+        for path, item in paths.items()
+        if path.startswith("/admin/v1/invoices") or path == "/admin/v1/reports"
+        for method, operation in item.items()
+    }
+    assert declared[("POST", "/admin/v1/invoices/finalize")] == [
+        *("200", "400", "401", "403", "404", "409", "413", "503", "504")
+    ]
+    assert declared[("GET", "/admin/v1/invoices/{ref}")] == [
+        *("200", "400", "401", "403", "404", "503", "504")
+    ]
+    assert declared[("GET", "/admin/v1/reports")] == ["200", "400", "401", "403", "503", "504"]
+
 
 async def test_the_admin_routes_refuse_bad_input_and_an_unfinished_period(
     client: httpx.AsyncClient,
@@ -105,7 +140,7 @@ async def test_the_admin_routes_refuse_bad_input_and_an_unfinished_period(
     answer = await client.get("/admin/v1/reports?from=2025-02-01&to=2025-01-01", headers=admin)
     assert answer.status_code == 400 and "after" in answer.json()["detail"]
     answer = await client.get("/admin/v1/reports?by=week", headers=admin)
-    assert answer.status_code == 400 and "week" in answer.json()["detail"]
+    assert answer.status_code == 400 and "query.by" in answer.json()["detail"]
 
 
 async def test_usage_by_day_model_and_tier_over_a_range_and_bad_ranges_refused(

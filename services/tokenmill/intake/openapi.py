@@ -194,6 +194,10 @@ class InvoiceSummary(_Closed):
     id: str
     number: str | None
     status: Literal["draft", "finalized"]
+    supplement_of: str | None = Field(
+        description="The number of the period's original invoice when this one is a "
+        "supplementary invoice (usage booked after the original was issued)."
+    )
     customer_id: str
     period: str = Field(pattern=r"^[0-9]{4}-[0-9]{2}$", examples=["2026-11"])
     currency: str

@@ -235,3 +235,14 @@ async def test_invoices_and_reports_from_the_command_line(pool, tokenmill, tmp_p
     assert totals["energy_kwh"] == "0.000004" and totals["revenue_per_mtok"] is not None
     refusal, _, err = await tokenmill("reports", "--from", "2025-09-31")
     assert refusal == "2" and "YYYY-MM-DD" in err
+
+    # A late request: the next run issues it on a supplementary invoice, and only it.
+    await book(pool, [usage_record(customers[1], at("2025-09", 30, 23), input_tokens=MTOK)])
+    refusal, out, _ = await tokenmill("invoices", "issue", "--period", "2025-09", "--json")
+    late = json.loads(out)
+    assert late["finalized"] == late["supplementary"] and len(late["supplementary"]) == 1
+    assert late["unbilled_requests"] == 0
+    refusal, out, _ = await tokenmill("invoices", "list", "--customer", customers[1])
+    original, supplement = out.splitlines()
+    assert supplement.startswith(late["supplementary"][0])
+    assert supplement.endswith(f"supplement to {original.split()[0]}")

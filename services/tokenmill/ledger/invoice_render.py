@@ -216,6 +216,7 @@ def summary_line(invoice: Invoice) -> str:
     return (
         f"{number:<16} {invoice.invoice_id}  {invoice.customer_id}  {invoice.period}  "
         f"{invoice.status:<9} total {money(fig.total)} {invoice.currency}"
+        + (f"  supplement to {invoice.supplement_of}" if invoice.supplement_of else "")
     )
 
 

@@ -334,7 +334,7 @@ async def test_a_late_credit_under_half_a_cent_still_gets_its_note_once(pool):
 
 async def invoices_of(pool: asyncpg.Pool, customer_id: str) -> list[invoices.Invoice]:
     """The customer's invoices, oldest first, each with its lines."""
-    found = await invoices.list_invoices(pool, customer_id=customer_id, limit=10)
+    found = await invoices.list_invoices(pool, customer_id=customer_id, limit=100)
     return [await invoices.find_invoice(pool, summary.invoice_id) for summary in found]
 
 
@@ -440,3 +440,34 @@ async def test_a_booking_waiting_on_a_finalization_opens_the_supplement_itself(p
     assert original.figures.used_tokens == MTOK and supplement.status == "draft"
     (number,) = (await issue(pool, "2026-03")).supplementary
     assert (await billed_on(pool, who))[racing[0]] == [number]
+
+
+async def test_bookings_racing_issue_runs_are_each_billed_exactly_once(pool):
+    who = [customer() for _ in range(3)]
+    await book(
+        pool, [usage_record(c, at("2026-04"), input_tokens=MTOK, output_tokens=0) for c in who]
+    )
+
+    async def keep_booking():
+        for n in range(30):
+            late = usage_record(
+                who[n % 3], at("2026-04", 30, 23), input_tokens=MTOK, output_tokens=0
+            )
+            await book(pool, [late])
+
+    async def keep_issuing():
+        for _ in range(5):
+            await issue(pool, "2026-04")
+
+    await asyncio.gather(keep_booking(), keep_issuing(), keep_issuing())
+    await issue(pool, "2026-04")  # after the last booking committed: bills what is left
+    for c in who:
+        billed = await billed_on(pool, c)
+        assert len(billed) == 11 and all(len(on) == 1 for on in billed.values()), billed
+        found = await invoices_of(pool, c)
+        assert all(invoice.status == "finalized" for invoice in found)
+        assert sum(invoice.figures.used_tokens for invoice in found) == 11 * MTOK
+        original, *supplements = found
+        assert original.supplement_of is None
+        assert all(s.supplement_of == original.number and s.figures.lines for s in supplements)
+    await assert_numbers_gapless(pool)

@@ -206,6 +206,19 @@ class Settings:
     outbox_keep_s: float = 7 * 86_400.0
     inbox_keep_s: float = 7 * 86_400.0
     retention_batch_max: int = 10_000
+    # Invoices and reports (tokenmill.ledger.invoices, .reports). A period is invoiced only once
+    # it is over and its last requests have had `invoice_grace_s` to be booked: a request
+    # submitted at 23:59 on the last day belongs to that period, and usage booked after its
+    # invoice is final would not be on it. Drafts are finalized `invoice_batch_size` per
+    # transaction (a run of customers, read in one pass over their usage): the numbering
+    # counter stays locked for one batch (about a second per 1,000 customers) and a crash
+    # redoes at most one batch. Listings, reports and /v1/usage groups return at most so many
+    # rows (more groups is a 400 asking for a narrower range, never a silently cut answer).
+    invoice_grace_s: float = 3600.0
+    invoice_batch_size: int = 1000
+    invoices_list_max: int = 1000
+    report_groups_max: int = 1000
+    usage_groups_max: int = 1000
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:

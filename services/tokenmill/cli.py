@@ -26,6 +26,7 @@ from tokenmill.embedded import EmbeddedInfra, die_with_parent
 from tokenmill.intake import admin, customer_commands
 from tokenmill.intake.admin_api import ADMIN_PREFIX, ADMIN_TOKEN_FILE, with_admin_token
 from tokenmill.ledger import audit, prices
+from tokenmill.ledger import commands as books
 from tokenmill.ledger.chain import AuditKeyError, with_audit_key
 from tokenmill.settings import ENV_PREFIX, Settings
 from tokenmill.signing import SigningKeyError, SigningKeys, with_local_key
@@ -435,6 +436,17 @@ def cmd_streams(settings: Settings, args: argparse.Namespace) -> None:
             raise SystemExit(f"tokenmill streams {args.streams_command}: {exc}") from exc
 
 
+def cmd_books(settings: Settings, args: argparse.Namespace) -> None:
+    """`tokenmill invoices ...` and `tokenmill reports`."""
+    with infrastructure(settings) as resolved:
+        asyncio.run(bootstrap(resolved))
+        try:
+            output = asyncio.run(books.command(resolved, args))
+        except (books.CommandError, LookupError) as exc:
+            raise SystemExit(f"tokenmill {args.command}: {exc}") from exc
+    print(output)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="tokenmill", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -464,6 +476,7 @@ def parser() -> argparse.ArgumentParser:
     prices.add_commands(commands)
     audit.add_commands(commands)
     retention.add_commands(commands)
+    books.add_commands(commands)
     return root
 
 
@@ -480,6 +493,8 @@ def main(argv: list[str] | None = None) -> None:
         "prices": cmd_prices,
         "audit": cmd_audit,
         "streams": cmd_streams,
+        "invoices": cmd_books,
+        "reports": cmd_books,
     }
     try:
         handlers[args.command](Settings.from_env(), args)

@@ -10,7 +10,9 @@ import pytest
 from pydantic import BaseModel
 
 from tokenmill.intake import openapi, views
+from tokenmill.intake import usage as usage_view
 from tokenmill.intake.api import create_app
+from tokenmill.intake.keys import Customer
 from tokenmill.intake.main import wire
 from tokenmill.settings import Settings
 
@@ -69,7 +71,14 @@ UNAVAILABLE = ("503", "504")
         ("post", "/v1/chat/completions", {"200", *BODY_ERRORS, *UNAVAILABLE}, "json"),
         ("post", "/v1/completions", {"200", *BODY_ERRORS, *UNAVAILABLE}, "json"),
         ("get", "/v1/models", {"200", "401", "403", *UNAVAILABLE}, "json"),
-        ("get", "/v1/usage", {"200", "401", "403", *UNAVAILABLE}, "problem+json"),
+        ("get", "/v1/usage", {"200", "400", "401", "403", *UNAVAILABLE}, "problem+json"),
+        ("get", "/v1/invoices", {"200", "401", "403", *UNAVAILABLE}, "problem+json"),
+        (
+            "get",
+            "/v1/invoices/{invoice_id}",
+            {"200", "400", "401", "403", "404", *UNAVAILABLE},
+            "problem+json",
+        ),
     ],
 )
 def test_each_route_declares_the_statuses_it_answers_in_its_error_shape(
@@ -146,16 +155,26 @@ def test_views_build_the_bodies_the_document_declares(record: dict):
 
 
 def test_usage_view_matches_its_declared_model():
-    tier = {
-        "tier": "premium",
+    group = {
+        "grp": "premium",
         "requests": 2,
         "completed": 1,
         "booked": 1,
         "prompt_tokens": 3,
         "completion_tokens": 4,
         "energy_j": Decimal("2.5"),
-        "cost": Decimal("0"),
         "revenue": Decimal("0.1"),
         "currency": None,
     }
-    conforms(openapi.UsageReport, views.usage("cus_1", [tier]))
+    who = Customer("cus_1", "test", "standard", "eu-west")
+    plain = usage_view.parse_query(None, None, None)
+    conforms(openapi.UsageReport, usage_view.view(who, plain, [group], None))
+    by_day = usage_view.parse_query("2026-11-01", "2026-11-30", "day")
+    body = usage_view.view(who, by_day, [group], [{**group, "grp": "2026-11-02"}])
+    conforms(openapi.UsageReport, body)
+    assert body["from"] == "2026-11-01" and body["groups"][0]["group"] == "2026-11-02"
+
+
+def test_the_invoice_route_declares_its_pdf_too(document: dict):
+    content = document["paths"]["/v1/invoices/{invoice_id}"]["get"]["responses"]["200"]["content"]
+    assert set(content) == {"application/json", "application/pdf"}

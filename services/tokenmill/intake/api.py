@@ -7,14 +7,24 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Path, Request
+from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill import service, tokenizer
-from tokenmill.intake import admin_customers, admin_prices, admission, jobs, openapi, probes, views
+from tokenmill.intake import (
+    admin_customers,
+    admin_prices,
+    admission,
+    invoices_admin,
+    jobs,
+    openapi,
+    probes,
+    views,
+)
+from tokenmill.intake import usage as usage_view
 from tokenmill.intake.admin_api import ADMIN_PREFIX, AdminDependencies
 from tokenmill.intake.errors import ApiError, answering, error_response
 from tokenmill.intake.keys import Customer, KeyCache
@@ -28,6 +38,7 @@ from tokenmill.intake.requests import (
     prompt_chars,
     validate,
 )
+from tokenmill.ledger import invoice_render, invoices
 from tokenmill.settings import Settings
 
 IDEMPOTENCY_KEY_CHARS_MAX = 255
@@ -96,6 +107,25 @@ IdempotencyKey = Annotated[
     ),
 ]
 JsonBody = [Depends(json_body)]
+
+
+# Days as strings, not dates: a bad day gets the API's own 400 that says what is wrong.
+_DATE = {"format": "date"}
+UsageFrom = Annotated[
+    str | None,
+    Query(alias="from", description="First day (UTC), YYYY-MM-DD.", json_schema_extra=_DATE),
+]
+UsageTo = Annotated[
+    str | None,
+    Query(alias="to", description="Last day (UTC), YYYY-MM-DD, included.", json_schema_extra=_DATE),
+]
+UsageGroupBy = Annotated[
+    str | None,
+    Query(
+        description="Also sum the usage per day (UTC), model or tier.",
+        json_schema_extra={"enum": list(usage_view.GROUP_BY)},
+    ),
+]
 
 
 def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
@@ -256,9 +286,47 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
         return {"object": "list", "data": [model]}
 
     @app.get("/v1/usage")
-    async def usage(request: Request, who: CustomerDep) -> dict[str, Any]:
-        rows = await jobs.usage_by_tier(request.app.state.runtime.db, who)
-        return views.usage(who.customer_id, rows)
+    async def usage(
+        request: Request,
+        who: CustomerDep,
+        start: UsageFrom = None,
+        end: UsageTo = None,
+        group_by: UsageGroupBy = None,
+    ) -> dict[str, Any]:
+        query = usage_view.parse_query(start, end, group_by)
+        db, limit = request.app.state.runtime.db, settings.usage_groups_max
+        tiers = await usage_view.usage_by(db, who, query, "tier", limit)
+        groups = None
+        if query.group_by is not None:
+            groups = await usage_view.usage_by(db, who, query, query.group_by, limit)
+        return usage_view.view(who, query, tiers, groups)
+
+    @app.get("/v1/invoices")
+    async def list_invoices(request: Request, who: CustomerDep) -> dict[str, Any]:
+        found = await invoices.list_invoices(
+            request.app.state.runtime.db,
+            customer_id=who.customer_id,
+            limit=settings.invoices_list_max,
+        )
+        return {"object": "list", "data": [invoice_render.summary_json(i) for i in found]}
+
+    @app.get("/v1/invoices/{invoice_id}")
+    async def get_invoice(
+        request: Request,
+        invoice_id: Annotated[str, Path(pattern=JOB_ID_PATTERN)],
+        who: CustomerDep,
+    ) -> Response:
+        found = await invoices.find_invoice(
+            request.app.state.runtime.db, invoice_id, who.customer_id
+        )
+        if found is None:
+            raise ApiError(404, "not_found", f"no invoice {invoice_id}")
+        if "application/pdf" in request.headers.get("accept", ""):
+            pdf = await asyncio.to_thread(invoice_render.invoice_pdf, found)
+            name = found.number or found.invoice_id
+            disposition = {"Content-Disposition": f'inline; filename="{name}.pdf"'}
+            return Response(pdf, media_type="application/pdf", headers=disposition)
+        return JSONResponse(invoice_render.invoice_json(found))
 
     # Probes and metrics (see probes.py): unauthenticated, as Kubernetes and Prometheus call
     # them. Liveness only says the process answers; readiness checks what serving needs.
@@ -276,4 +344,5 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
         status, text = await probes.metrics_of(request.app.state)
         return Response(text, status_code=status, media_type=probes.METRICS_MEDIA_TYPE)
 
+    app.include_router(invoices_admin.router, prefix=ADMIN_PREFIX, dependencies=AdminDependencies)
     return app

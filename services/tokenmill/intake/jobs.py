@@ -343,22 +343,6 @@ async def _notify_done(conn: asyncpg.Connection, request_id: str) -> None:
     await conn.execute("SELECT pg_notify($1, $2)", JOB_DONE_CHANNEL, request_id)
 
 
-async def usage_by_tier(pool: asyncpg.Pool, customer: Customer) -> list[asyncpg.Record]:
-    return await pool.fetch(
-        "SELECT tier, count(*) AS requests, "
-        "count(*) FILTER (WHERE status = 'completed') AS completed, "
-        "coalesce(sum(prompt_tokens), 0) AS prompt_tokens, "
-        "coalesce(sum(completion_tokens), 0) AS completion_tokens, "
-        "coalesce(sum(energy_j), 0) AS energy_j, "
-        "count(*) FILTER (WHERE booked_at IS NOT NULL) AS booked, "
-        # A tier is priced in one currency, so min() names it (NULL until something is booked).
-        "coalesce(sum(revenue), 0) AS revenue, "
-        "min(currency) AS currency "
-        "FROM intake.requests WHERE customer_id = $1 GROUP BY tier ORDER BY tier",
-        customer.customer_id,
-    )
-
-
 class CompletionWaiter:
     """Wakes HTTP handlers waiting for a job, whichever intake replica consumed its completion.
 

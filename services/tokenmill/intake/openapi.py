@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI
@@ -178,10 +178,101 @@ class TierUsage(_Closed):
     currency: str | None
 
 
+class GroupUsage(_Closed):
+    group: str = Field(description="The day (YYYY-MM-DD, UTC), model or tier.")
+    requests: int
+    completed: int
+    booked: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    energy_j: DecimalString
+    revenue: DecimalString
+    currency: str | None
+
+
 class UsageReport(_Closed):
+    """Usage by tier over the range (all time without one); with group_by, also per group."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
     object: Literal["usage"]
     customer_id: str
+    from_: date | None = Field(alias="from")
+    to: date | None
+    group_by: Literal["day", "model", "tier"] | None
     tiers: list[TierUsage]
+    groups: list[GroupUsage] | None
+
+
+class InvoiceSummary(_Closed):
+    """An invoice: a draft (no number, figures as the books stand now) or finalized
+    (numbered, never changed again)."""
+
+    object: Literal["invoice"]
+    id: str
+    number: str | None
+    status: Literal["draft", "finalized"]
+    supplement_of: str | None = Field(
+        description="The number of the period's original invoice when this one is a "
+        "supplementary invoice (usage booked after the original was issued)."
+    )
+    customer_id: str
+    period: str = Field(pattern=r"^[0-9]{4}-[0-9]{2}$", examples=["2026-11"])
+    currency: str
+    created_at: datetime
+    finalized_at: datetime | None
+    subtotal: DecimalString
+    credits_total: DecimalString
+    total: DecimalString
+
+
+class InvoiceList(_Closed):
+    object: Literal["list"]
+    data: list[InvoiceSummary]
+
+
+class InvoiceLine(_Closed):
+    """A usage line (model, tier, plan version, token class) or a credit line (reason)."""
+
+    kind: Literal["usage", "credit"]
+    model: str | None = None
+    tier: str | None = None
+    plan_id: str | None = None
+    plan_version: str | None = None
+    token_class: Literal["input", "cached_input", "output"] | None = None
+    tokens: int | None = None
+    charged_tokens: int | None = None
+    reason: str | None = None
+    requests: int
+    amount: DecimalString
+    amount_exact: DecimalString
+
+
+class IncludedQuota(_Closed):
+    included_tokens: int
+    used_tokens: int
+    covered_tokens: int
+
+
+class CreditNoteView(_Closed):
+    object: Literal["credit_note"]
+    id: str
+    number: str
+    invoice_id: str
+    invoice_number: str
+    customer_id: str
+    currency: str
+    issued_at: datetime
+    total: DecimalString
+    lines: list[InvoiceLine]
+
+
+class InvoiceView(InvoiceSummary):
+    included_quota: IncludedQuota
+    rounding: str
+    lines: list[InvoiceLine]
+    credit_notes: list[CreditNoteView]
 
 
 class OpenAIErrorDetail(_Closed):
@@ -230,7 +321,8 @@ _WHY: dict[int, str] = {
     "fit the customer's monthly budget, prepaid credit or free quota; the message says which "
     "and by how much (code `insufficient_quota`). Nothing was written or queued.",
     403: "The key's customer is suspended: its keys are refused until an operator resumes it.",
-    404: "No such job for this key's customer; another customer's job is not found either.",
+    404: "Nothing by that id for this key's customer; another customer's job or invoice is not "
+    "found either.",
     409: "This Idempotency-Key was used before with a different body; nothing was queued.",
     413: "The request body is over the size limit; nothing was written or queued.",
     415: "The body is not `application/json`; nothing was written or queued.",
@@ -255,6 +347,8 @@ class Answer:
     why: str
     model: type[BaseModel] | None
     headers: dict[str, str] = field(default_factory=dict)
+    # Other media types the same answer comes in, when asked for with Accept.
+    also: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -292,7 +386,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("get", "/v1/jobs/{job_id}/events"): Operation(
         {200: Answer("The job's events in the ledger's log, in log order.", JobEventList)},
         "problem",
-        (400, 401, 404, *_UNAVAILABLE),
+        (400, 401, 403, 404, *_UNAVAILABLE),
     ),
     ("post", "/v1/chat/completions"): Operation(
         {200: Answer("The completion.", ChatCompletion)}, "openai", _BODY_ERRORS, "chat"
@@ -307,9 +401,25 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         {200: Answer("The models served.", ModelList)}, "openai", (401, 403, *_UNAVAILABLE)
     ),
     ("get", "/v1/usage"): Operation(
-        {200: Answer("Usage by tier for this key's customer.", UsageReport)},
+        {200: Answer("Usage for this key's customer, by tier and by group_by.", UsageReport)},
+        "problem",
+        (400, 401, 403, *_UNAVAILABLE),
+    ),
+    ("get", "/v1/invoices"): Operation(
+        {200: Answer("This key's customer's invoices, drafts included.", InvoiceList)},
         "problem",
         (401, 403, *_UNAVAILABLE),
+    ),
+    ("get", "/v1/invoices/{invoice_id}"): Operation(
+        {
+            200: Answer(
+                "The invoice (by id or number) as JSON, or as PDF with Accept: application/pdf.",
+                InvoiceView,
+                also={"application/pdf": {"schema": {"type": "string", "format": "binary"}}},
+            )
+        },
+        "problem",
+        (400, 401, 403, 404, *_UNAVAILABLE),
     ),
     # The probes take no key. /readyz and /metrics come with the probes (tokenmill.intake
     # .probes); a route that is not there is not described.
@@ -349,6 +459,8 @@ _MODELS: list[type[BaseModel]] = [
     TextCompletion,
     ModelList,
     UsageReport,
+    InvoiceList,
+    InvoiceView,
     OpenAIError,
     Problem,
     Liveness,
@@ -411,6 +523,7 @@ def _response(answer: Answer, media_type: str = "application/json") -> dict[str,
         content = {"text/plain": {"schema": {"type": "string"}}}
     else:
         content = {media_type: {"schema": _ref(answer.model.__name__)}}
+    content.update(answer.also)
     response: dict[str, Any] = {"description": answer.why, "content": content}
     if answer.headers:
         response["headers"] = {

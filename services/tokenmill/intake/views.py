@@ -1,4 +1,4 @@
-"""How the intake's records look on the wire: job views, OpenAI responses, usage."""
+"""How the intake's records look on the wire: job views and OpenAI responses."""
 
 from __future__ import annotations
 
@@ -109,23 +109,3 @@ def text_completion(row: asyncpg.Record) -> dict[str, Any]:
         ],
         "usage": _usage(row),
     }
-
-
-def usage(customer_id: str, rows: list[asyncpg.Record]) -> dict[str, Any]:
-    tiers = [
-        {
-            "tier": r["tier"],
-            "requests": r["requests"],
-            "completed": r["completed"],
-            "booked": r["booked"],
-            "prompt_tokens": r["prompt_tokens"],
-            "completion_tokens": r["completion_tokens"],
-            "total_tokens": r["prompt_tokens"] + r["completion_tokens"],
-            "energy_j": money(r["energy_j"]),
-            "revenue": money(r["revenue"]),
-            # None while nothing in this row is booked yet.
-            "currency": r["currency"],
-        }
-        for r in rows
-    ]
-    return {"object": "usage", "customer_id": customer_id, "tiers": tiers}

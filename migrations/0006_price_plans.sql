@@ -42,6 +42,21 @@ CREATE TABLE ledger.price_bands (
     FOREIGN KEY (plan_id, effective_from) REFERENCES ledger.price_plans
 );
 
+-- At commit, a plan version prices every token class: a version without bands for one of them
+-- could neither rate a request nor be listed.
+CREATE FUNCTION ledger.check_plan_priced() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF (SELECT count(DISTINCT token_class) FROM ledger.price_bands
+        WHERE plan_id = NEW.plan_id AND effective_from = NEW.effective_from) < 3 THEN
+        RAISE EXCEPTION 'ledger.price_plans: % from % has no bands for every token class',
+            NEW.plan_id, NEW.effective_from USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER price_plans_priced AFTER INSERT ON ledger.price_plans
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION ledger.check_plan_priced();
+
 -- A plan version and its bands are the record of what was charged: never changed afterwards.
 CREATE TRIGGER price_plans_append_only BEFORE UPDATE OR DELETE ON ledger.price_plans
     FOR EACH ROW EXECUTE FUNCTION ledger.refuse_change();

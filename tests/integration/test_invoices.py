@@ -250,11 +250,18 @@ async def test_the_total_is_the_sum_of_the_lines_rounded_half_to_even(pool):
 async def test_a_price_change_mid_period_shows_each_versions_usage(pool):
     who = customer()
     plan = f"nego-{new_id().lower()}"
-    await pool.executemany(
-        "INSERT INTO ledger.price_plans (plan_id, version, effective_from, currency, "
-        "tiers_mode, included_tokens_monthly) VALUES ($1, $2, $3, 'USD', 'graduated', $4)",
-        [(plan, "v1", at("2025-01", 1, 0), 1000), (plan, "v2", at("2025-06", 15, 0), 0)],
-    )
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.executemany(
+            "INSERT INTO ledger.price_plans (plan_id, version, effective_from, currency, "
+            "tiers_mode, included_tokens_monthly) VALUES ($1, $2, $3, 'USD', 'graduated', $4)",
+            [(plan, "v1", at("2025-01", 1, 0), 1000), (plan, "v2", at("2025-06", 15, 0), 0)],
+        )
+        # Every version prices every class (the database refuses one that does not).
+        await conn.executemany(
+            "INSERT INTO ledger.price_bands SELECT $1, $2, c, 1, NULL, 1 "
+            "FROM unnest(ARRAY['input', 'cached_input', 'output']) AS c",
+            [(plan, at("2025-01", 1, 0)), (plan, at("2025-06", 15, 0))],
+        )
     old = (Decimal("1.00"), Decimal("0.50"), Decimal("2.00"))
     new = (Decimal("2.00"), Decimal("1.00"), Decimal("4.00"))
     rows = [

@@ -153,3 +153,21 @@ async def test_admin_api_adds_a_version_and_assigns_a_plan(test_settings: Settin
         )
         assert assigned.status_code == 201 and assigned.json()["plan_id"] == plan
     assert await plan_rows(pool, plan) == 1
+
+
+async def test_the_database_refuses_a_plan_version_that_leaves_a_token_class_unpriced(pool):
+    plan = f"half-{new_id().lower()}"
+    with pytest.raises(asyncpg.CheckViolationError, match="no bands for every token class"):
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO ledger.price_plans (plan_id, version, effective_from, currency, "
+                "tiers_mode) VALUES ($1, 'v1', '2031-01-01Z', 'USD', 'graduated')",
+                plan,
+            )
+            await conn.execute(
+                "INSERT INTO ledger.price_bands VALUES ($1, '2031-01-01Z', 'input', 1, NULL, 1)",
+                plan,
+            )
+    assert (
+        await pool.fetchval("SELECT count(*) FROM ledger.price_plans WHERE plan_id = $1", plan) == 0
+    )

@@ -19,7 +19,9 @@ from tokenmill.events import (
     PrepaidCreditAdded,
     QualitySignal,
     QualityVerdict,
+    UsageBooked,
     new_id,
+    parse_event,
 )
 from tokenmill.ledger import books, journal
 from tokenmill.ledger.journal import Leg, Posting, UnbalancedPosting
@@ -181,11 +183,15 @@ async def test_booking_posts_revenue_by_class_and_cost_once(pool: asyncpg.Pool):
             usage["posting_id"],
         )
         assert [c["event_id"] for c in covered] == [done.event_id]
-        outbox = await conn.fetchval(
-            "SELECT count(*) FROM ledger.outbox WHERE body::jsonb ->> 'request_id' = $1",
+        (queued,) = await conn.fetch(
+            "SELECT body FROM ledger.outbox WHERE body::jsonb ->> 'request_id' = $1",
             done.request_id,
         )
-        assert outbox == 1
+        # Serialized without the model, yet exactly the event's canonical JSON.
+        booked = parse_event(queued["body"])
+        assert isinstance(booked, UsageBooked) and booked.revenue == booking.revenue
+        expected = booking.booked_event(booked.event_id, booked.occurred_at)
+        assert queued["body"] == booked.canonical_json() == expected.canonical_json()
         await assert_books_hold(conn)
 
 

@@ -19,7 +19,9 @@ from decimal import Decimal
 from typing import NamedTuple
 
 import asyncpg
+from pydantic import TypeAdapter
 
+from tokenmill import tracing
 from tokenmill.events import (
     Event,
     JobCompleted,
@@ -27,7 +29,9 @@ from tokenmill.events import (
     PrepaidCreditAdded,
     QualityVerdict,
     UsageBooked,
+    canonical_json,
     new_id,
+    utc_now,
 )
 from tokenmill.ledger import journal
 from tokenmill.ledger.journal import Posting
@@ -43,10 +47,12 @@ from tokenmill.ledger.rating import (
     rate_request,
 )
 from tokenmill.money import quantize_amount
-from tokenmill.outbox import OUTBOX_COLUMNS, outbox_values
+from tokenmill.outbox import OUTBOX_COLUMNS
 from tokenmill.settings import Settings
 
 SCHEMA = "ledger"
+# How pydantic writes a time in an event's JSON.
+_DATETIME = TypeAdapter(datetime)
 
 
 @dataclass(frozen=True)
@@ -228,20 +234,35 @@ class Booking:
             posting_id,
         )  # fmt: skip
 
-    def booked_event(self) -> UsageBooked:
+    def booked_fields(self, event_id: str, occurred_at: datetime | str) -> dict[str, object]:
+        """The fields of this booking's UsageBooked event (the time as given)."""
         e = self.event
-        return UsageBooked(
+        return {
             **e.envelope_for("ledger"),
-            tier=e.tier,
-            prompt_tokens=e.prompt_tokens,
-            completion_tokens=e.completion_tokens,
-            energy_j=e.energy.energy_j,
-            cost=self.cost,
-            revenue=self.revenue,
-            currency=self.plan.currency,
-            price_version=self.price_version,
-            completion_event_id=e.event_id,
-        )
+            "type": "usage.booked",
+            "event_id": event_id,
+            "schema_version": 1,
+            "occurred_at": occurred_at,
+            "tier": e.tier,
+            "prompt_tokens": e.prompt_tokens,
+            "completion_tokens": e.completion_tokens,
+            "energy_j": e.energy.energy_j,
+            "cost": self.cost,
+            "revenue": self.revenue,
+            "currency": self.plan.currency,
+            "price_version": self.price_version,
+            "completion_event_id": e.event_id,
+        }
+
+    def booked_event(self, event_id: str, occurred_at: datetime) -> UsageBooked:
+        return UsageBooked(**self.booked_fields(event_id, occurred_at))
+
+    def booked_json(self, event_id: str, occurred_at_json: str) -> str:
+        """`booked_event(...).canonical_json()` without building the model, several times
+        cheaper: decimals are their str() in JSON and the time comes serialized (the same for
+        the whole batch). tests/unit/test_journal.py holds the two texts equal."""
+        fields = self.booked_fields(event_id, occurred_at_json).items()
+        return canonical_json({k: str(v) if isinstance(v, Decimal) else v for k, v in fields})
 
 
 USAGE_COLUMNS = [
@@ -531,11 +552,24 @@ async def _write_bookings(
         columns=USAGE_COLUMNS,
         records=[b.usage_row(posting_of.get(b.event.event_id)) for b in bookings],
     )
-    outbox = [outbox_values(booked_stream, b.booked_event()) for b in bookings]
+    await _queue_booked(conn, bookings, booked_stream)
+
+
+async def _queue_booked(conn: asyncpg.Connection, bookings: list[Booking], stream: str) -> None:
+    """Queue each booking's UsageBooked in the outbox in one statement, the events serialized
+    directly, all of a batch occurring at the same instant, in the same trace."""
+    now = utc_now()
+    now_json = _DATETIME.dump_python(now, mode="json")
+    trace = tracing.inject()
+    rows = []
+    for b in bookings:
+        event_id = new_id()
+        headers = {"event_id": event_id, "event_type": "usage.booked", **trace}
+        rows.append((event_id, "usage.booked", stream, b.booked_json(event_id, now_json), headers))
     await conn.execute(
         f"INSERT INTO ledger.outbox {OUTBOX_COLUMNS} SELECT * FROM unnest($1::text[], "
         "$2::text[], $3::text[], $4::text[], $5::jsonb[])",
-        *(list(column) for column in zip(*outbox, strict=True)),
+        *(list(column) for column in zip(*rows, strict=True)),
     )
 
 

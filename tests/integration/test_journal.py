@@ -371,6 +371,34 @@ async def test_balance_as_of_a_time(pool: asyncpg.Pool):
         assert as_of[account] == Decimal("0.00125")
 
 
+async def test_a_batch_is_posted_in_summary_per_day_with_exact_balances(pool: asyncpg.Pool):
+    customers = [f"cus_{new_id()}" for _ in range(3)]
+    day = datetime(2026, 7, 1, 22, tzinfo=UTC)
+    done = [
+        completion(c, submitted_at=day + timedelta(hours=hours))
+        for hours in (0, 1, 3)  # The last is completed the next day.
+        for c in customers
+    ]
+    bookings = await book(pool, *done)
+    async with pool.acquire() as conn:
+        postings = await conn.fetch(
+            "SELECT p.posting_id, p.effective_at, count(*) AS covered FROM ledger.postings p "
+            "JOIN ledger.posting_events e USING (posting_id) WHERE e.event_id = ANY($1::text[]) "
+            "GROUP BY p.posting_id ORDER BY p.effective_at",
+            [e.event_id for e in done],
+        )
+        assert [(p["effective_at"], p["covered"]) for p in postings] == [
+            (day + timedelta(hours=1, seconds=1), 6),
+            (day + timedelta(hours=3, seconds=1), 3),
+        ]
+        end_of_day = datetime(2026, 7, 1, 23, 59, 59, tzinfo=UTC)
+        for c in customers:
+            owed = sum((b.revenue for b in bookings if b.event.customer_id == c), Decimal(0))
+            assert await journal.balance(conn, journal.receivable(c), END_OF_TIME) == owed
+            assert await journal.balance(conn, journal.receivable(c), end_of_day) == owed * 2 / 3
+        await assert_books_hold(conn)
+
+
 # One step of a history: book a completion (maybe redelivered), a verdict on one, a top-up.
 steps = st.lists(
     st.one_of(

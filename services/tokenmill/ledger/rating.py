@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from functools import cached_property
 from typing import Literal
 
 from tokenmill.money import TOKENS_PER_MILLION, quantize_amount
@@ -162,7 +163,7 @@ class RequestCharge:
     amounts: Mapping[TokenClass, Decimal]
     after: PeriodPosition
 
-    @property
+    @cached_property  # A booking reads it several times: summed once.
     def total(self) -> Decimal:
         return sum(self.amounts.values(), Decimal(0))
 

@@ -258,9 +258,9 @@ class Booking:
         return UsageBooked(**self.booked_fields(event_id, occurred_at))
 
     def booked_json(self, event_id: str, occurred_at_json: str) -> str:
-        """`booked_event(...).canonical_json()` without building the model, several times
-        cheaper: decimals are their str() in JSON and the time comes serialized (the same for
-        the whole batch). tests/unit/test_journal.py holds the two texts equal."""
+        """`booked_event(...).canonical_json()` without building the model, in half the time:
+        decimals are their str() in JSON and the time comes serialized (the same for the whole
+        batch). tests/integration/test_journal.py holds the two texts equal."""
         fields = self.booked_fields(event_id, occurred_at_json).items()
         return canonical_json({k: str(v) if isinstance(v, Decimal) else v for k, v in fields})
 

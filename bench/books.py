@@ -8,7 +8,8 @@ to CREATE DATABASE from, and TOKENMILL_BENCH_REDIS_URL), in a throwaway database
    completions stream, as workers would;
 2. starts `tokenmill serve ledger` (its own process) and times it from its first booking to
    its N-th;
-3. checks exactly once: N request_usage rows, N usage postings, every posting balanced; then
+3. checks exactly once: N request_usage rows, each in a usage summary posting, the revenue
+   legs equal to their revenue, every posting balanced; then
    redelivers a slice of the same entries and checks that nothing more was booked or posted;
 4. COPYs the N booked usage rows into a scratch table, and times that;
 5. books a further slice in this process, directly through `book_completions` in batches, with
@@ -129,16 +130,20 @@ async def settled(redis: RedisClient, stream: str) -> None:
 
 
 async def check_exactly_once(pool: asyncpg.Pool, n: int) -> dict[str, int]:
+    """N sub-ledger rows, each in a usage summary posting that its revenue adds up to, and
+    every posting balanced."""
     counts = await pool.fetchrow(
         "SELECT (SELECT count(*) FROM ledger.request_usage) AS usage, "
+        "(SELECT count(*) FROM ledger.request_usage WHERE posting_id IS NOT NULL) AS posted, "
         "(SELECT count(*) FROM ledger.postings WHERE kind = 'usage') AS postings, "
         "(SELECT count(*) FROM ledger.posting_legs) AS legs, "
         "(SELECT count(*) FROM (SELECT 1 FROM ledger.posting_legs GROUP BY posting_id, currency "
-        " HAVING sum(amount) <> 0) u) AS unbalanced"
+        " HAVING sum(amount) <> 0) u) AS unbalanced, "
+        "(SELECT sum(revenue) FROM ledger.request_usage) + (SELECT sum(amount) "
+        " FROM ledger.posting_legs WHERE account_id LIKE 'revenue:%') AS revenue_unposted"
     )
-    assert counts["usage"] == n, counts
-    assert counts["postings"] == n, counts
-    assert counts["unbalanced"] == 0, counts
+    assert counts["usage"] == counts["posted"] == n, counts
+    assert counts["unbalanced"] == 0 and counts["revenue_unposted"] == 0, counts
     return dict(counts)
 
 
@@ -215,7 +220,8 @@ async def run(n: int, batch: int) -> None:
         booked_rate = n / elapsed_s
         rows, raw_rate = await copy_rate(pool)
         print(
-            f"booked {n:,} completions exactly once ({counts['legs']:,} legs, 0 unbalanced; "
+            f"booked {n:,} completions exactly once ({counts['postings']:,} usage postings, "
+            f"{counts['legs']:,} legs, 0 unbalanced; "
             f"{REDELIVERED:,} redelivered, nothing posted twice)"
         )
         print(f"ledger consumer:  {booked_rate:,.0f} requests booked/s (batches of {batch})")

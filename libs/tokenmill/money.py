@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from decimal import ROUND_HALF_EVEN, Decimal, localcontext
+from decimal import ROUND_HALF_EVEN, Context, Decimal
 
 TOKENS_PER_MILLION = Decimal(1_000_000)
 JOULES_PER_KWH = Decimal(3_600_000)
@@ -20,7 +20,9 @@ def to_decimal(value: float | int | str | Decimal) -> Decimal:
     return Decimal(value)
 
 
+# Built once: entering a localcontext per amount cost more than the quantize itself.
+_AMOUNT_CONTEXT = Context(prec=40, rounding=ROUND_HALF_EVEN)
+
+
 def quantize_amount(value: Decimal) -> Decimal:
-    with localcontext() as ctx:
-        ctx.prec = 40
-        return value.quantize(AMOUNT_PLACES, rounding=ROUND_HALF_EVEN)
+    return value.quantize(AMOUNT_PLACES, context=_AMOUNT_CONTEXT)

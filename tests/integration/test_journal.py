@@ -19,7 +19,9 @@ from tokenmill.events import (
     PrepaidCreditAdded,
     QualitySignal,
     QualityVerdict,
+    UsageBooked,
     new_id,
+    parse_event,
 )
 from tokenmill.ledger import books, journal
 from tokenmill.ledger.journal import Leg, Posting, UnbalancedPosting
@@ -121,6 +123,32 @@ async def assert_books_hold(conn: asyncpg.Connection) -> None:
     }
     for account_id, total in sums.items():
         assert await journal.balance(conn, account_id, END_OF_TIME) == total
+    # Usage is posted in summary; the sub-ledger (request_usage) backs every summary exactly:
+    # each customer's legs in a posting are its requests' revenue there, the revenue legs
+    # their revenue, the expense legs their cost, and every usage posting covers a request.
+    mismatched = await conn.fetch(
+        "SELECT u.posting_id, u.customer_id FROM ledger.request_usage u "
+        "WHERE u.posting_id IS NOT NULL GROUP BY u.posting_id, u.customer_id "
+        "HAVING sum(u.revenue) <> (SELECT coalesce(sum(l.amount), 0) FROM ledger.posting_legs l "
+        "WHERE l.posting_id = u.posting_id AND l.account_id IN ('customer:' || u.customer_id "
+        "|| ':receivable', 'customer:' || u.customer_id || ':prepaid'))"
+    )
+    assert mismatched == []
+    mismatched = await conn.fetch(
+        "SELECT posting_id FROM (SELECT posting_id, sum(revenue) AS revenue, sum(cost) AS cost "
+        "FROM ledger.request_usage WHERE posting_id IS NOT NULL GROUP BY posting_id) u "
+        "JOIN (SELECT posting_id, "
+        "coalesce(sum(amount) FILTER (WHERE account_id LIKE 'revenue:%'), 0) AS revenue, "
+        "coalesce(sum(amount) FILTER (WHERE account_id LIKE 'expense:%'), 0) AS cost "
+        "FROM ledger.posting_legs GROUP BY posting_id) l USING (posting_id) "
+        "WHERE u.revenue <> -l.revenue OR u.cost <> l.cost"
+    )
+    assert mismatched == []
+    uncovered = await conn.fetch(
+        "SELECT p.posting_id FROM ledger.postings p WHERE p.kind = 'usage' AND NOT EXISTS "
+        "(SELECT 1 FROM ledger.request_usage u WHERE u.posting_id = p.posting_id)"
+    )
+    assert uncovered == []
     positions = await conn.fetch("SELECT * FROM ledger.prepaid_positions")
     for p in positions:
         held = -await journal.balance(conn, journal.prepaid(p["customer_id"]), END_OF_TIME)
@@ -149,12 +177,21 @@ async def test_booking_posts_revenue_by_class_and_cost_once(pool: asyncpg.Pool):
         assert usage["charged_cached_input_tokens"] == 400
         assert (usage["plan_id"], usage["plan_version"]) == ("tier:standard", "2026-01")
         assert await journal.balance(conn, journal.receivable(customer)) == booking.revenue
-        assert await customer_rows(conn, customer, "postings") == 1
-        outbox = await conn.fetchval(
-            "SELECT count(*) FROM ledger.outbox WHERE body::jsonb ->> 'request_id' = $1",
+        # One summary posting, naming this completion, which the sub-ledger row names back.
+        covered = await conn.fetch(
+            "SELECT e.event_id FROM ledger.posting_events e WHERE e.posting_id = $1",
+            usage["posting_id"],
+        )
+        assert [c["event_id"] for c in covered] == [done.event_id]
+        (queued,) = await conn.fetch(
+            "SELECT body FROM ledger.outbox WHERE body::jsonb ->> 'request_id' = $1",
             done.request_id,
         )
-        assert outbox == 1
+        # Serialized without the model, yet exactly the event's canonical JSON.
+        booked = parse_event(queued["body"])
+        assert isinstance(booked, UsageBooked) and booked.revenue == booking.revenue
+        expected = booking.booked_event(booked.event_id, booked.occurred_at)
+        assert queued["body"] == booked.canonical_json() == expected.canonical_json()
         await assert_books_hold(conn)
 
 
@@ -303,7 +340,7 @@ async def test_database_refuses_changes_to_postings_and_legs(pool: asyncpg.Pool)
     await book(pool, completion(customer))
     async with pool.acquire() as conn:
         posting_id = await conn.fetchval(
-            "SELECT posting_id FROM ledger.postings WHERE customer_id = $1", customer
+            "SELECT posting_id FROM ledger.request_usage WHERE customer_id = $1", customer
         )
         statements = [
             "UPDATE ledger.postings SET description = 'edited' WHERE posting_id = $1",
@@ -332,6 +369,34 @@ async def test_balance_as_of_a_time(pool: asyncpg.Pool):
         assert await journal.balance(conn, account) == Decimal("0.0025")
         as_of = await journal.balances(conn, day + timedelta(days=1))
         assert as_of[account] == Decimal("0.00125")
+
+
+async def test_a_batch_is_posted_in_summary_per_day_with_exact_balances(pool: asyncpg.Pool):
+    customers = [f"cus_{new_id()}" for _ in range(3)]
+    day = datetime(2026, 7, 1, 22, tzinfo=UTC)
+    done = [
+        completion(c, submitted_at=day + timedelta(hours=hours))
+        for hours in (0, 1, 3)  # The last is completed the next day.
+        for c in customers
+    ]
+    bookings = await book(pool, *done)
+    async with pool.acquire() as conn:
+        postings = await conn.fetch(
+            "SELECT p.posting_id, p.effective_at, count(*) AS covered FROM ledger.postings p "
+            "JOIN ledger.posting_events e USING (posting_id) WHERE e.event_id = ANY($1::text[]) "
+            "GROUP BY p.posting_id ORDER BY p.effective_at",
+            [e.event_id for e in done],
+        )
+        assert [(p["effective_at"], p["covered"]) for p in postings] == [
+            (day + timedelta(hours=1, seconds=1), 6),
+            (day + timedelta(hours=3, seconds=1), 3),
+        ]
+        end_of_day = datetime(2026, 7, 1, 23, 59, 59, tzinfo=UTC)
+        for c in customers:
+            owed = sum((b.revenue for b in bookings if b.event.customer_id == c), Decimal(0))
+            assert await journal.balance(conn, journal.receivable(c), END_OF_TIME) == owed
+            assert await journal.balance(conn, journal.receivable(c), end_of_day) == owed * 2 / 3
+        await assert_books_hold(conn)
 
 
 # One step of a history: book a completion (maybe redelivered), a verdict on one, a top-up.
@@ -384,11 +449,14 @@ async def test_any_history_leaves_balanced_books_and_exact_balances(
             customer,
         )
         assert len(booked) == len({c.request_id for c in completions})
-        usage_postings = await conn.fetchval(
-            "SELECT count(*) FROM ledger.postings WHERE customer_id = $1 AND kind = 'usage'",
+        # Every booked request is in one summary posting, which names its completion.
+        unposted = await conn.fetchval(
+            "SELECT count(*) FROM ledger.request_usage u WHERE u.customer_id = $1 AND NOT EXISTS "
+            "(SELECT 1 FROM ledger.posting_events e JOIN ledger.postings p USING (posting_id) "
+            "WHERE e.event_id = u.completion_event_id AND p.kind = 'usage')",
             customer,
         )
-        assert usage_postings == len(booked)
+        assert unposted == 0
         # Credits per request never exceed its charge, and each reason is given at most once.
         over = await conn.fetch(
             "SELECT c.request_id FROM ledger.credits c JOIN ledger.request_usage u "

@@ -2,14 +2,16 @@
 
 A completion is booked once, in the transaction that logs it (the log's ON CONFLICT is the
 duplicate check): its rating under the plan in force when it was submitted goes into
-ledger.request_usage, its revenue and cost into the journal as one balanced posting, and the
-credits it earns (a defective verdict recorded before it, a missed latency objective) into
-ledger.credits with their postings. Completions are booked in batches (`book_completions`):
-one transaction, a few set-based statements, whatever the batch's size.
+ledger.request_usage (the sub-ledger), its revenue and cost into the journal's summary
+posting for its batch (which request_usage names), and the credits it earns (a defective
+verdict recorded before it, a missed latency objective) into ledger.credits with their
+postings. Completions are booked in batches (`book_completions`): one transaction, a few
+set-based statements, whatever the batch's size.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -17,7 +19,9 @@ from decimal import Decimal
 from typing import NamedTuple
 
 import asyncpg
+from pydantic import TypeAdapter
 
+from tokenmill import tracing
 from tokenmill.events import (
     Event,
     JobCompleted,
@@ -25,7 +29,9 @@ from tokenmill.events import (
     PrepaidCreditAdded,
     QualityVerdict,
     UsageBooked,
+    canonical_json,
     new_id,
+    utc_now,
 )
 from tokenmill.ledger import journal
 from tokenmill.ledger.journal import Posting
@@ -41,10 +47,12 @@ from tokenmill.ledger.rating import (
     rate_request,
 )
 from tokenmill.money import quantize_amount
-from tokenmill.outbox import OUTBOX_COLUMNS, outbox_values
+from tokenmill.outbox import OUTBOX_COLUMNS
 from tokenmill.settings import Settings
 
 SCHEMA = "ledger"
+# How pydantic writes a time in an event's JSON.
+_DATETIME = TypeAdapter(datetime)
 
 
 @dataclass(frozen=True)
@@ -213,36 +221,7 @@ class Booking:
     def price_version(self) -> str:
         return f"plan {self.plan.plan_id} {self.plan.version}; rates {self.rates.version}"
 
-    def posting(self) -> Posting | None:
-        """Revenue by tier and token class against the customer (prepaid first, then
-        receivable), and the cost of making it against what the factory owes for it."""
-        e, currency = self.event, self.plan.currency
-        revenue_legs = journal.legs(
-            currency,
-            (journal.prepaid(e.customer_id), self.prepaid_drawn),
-            (journal.receivable(e.customer_id), self.revenue - self.prepaid_drawn),
-            *((f"revenue:{e.tier}:{c}", -self.charge.amounts[c]) for c in TOKEN_CLASSES),
-        )
-        cost_legs = journal.legs(
-            self.rates.currency,
-            ("expense:energy", self.energy_cost),
-            ("accrued:energy", -self.energy_cost),
-            ("expense:compute", self.compute_cost),
-            ("accrued:compute", -self.compute_cost),
-        )
-        if not revenue_legs + cost_legs:
-            return None
-        return Posting(
-            event_id=e.event_id,
-            kind="usage",
-            description=f"usage of {e.model} ({e.tier}), {self.price_version}",
-            effective_at=e.occurred_at,
-            legs=revenue_legs + cost_legs,
-            customer_id=e.customer_id,
-            request_id=e.request_id,
-        )
-
-    def usage_row(self) -> tuple:
+    def usage_row(self, posting_id: int | None) -> tuple:
         e, c = self.event, self.charge
         return (
             e.request_id, e.event_id, e.customer_id, e.tier, e.region, e.model, e.device,
@@ -252,22 +231,38 @@ class Booking:
             self.plan.currency, self.price_version, e.submitted_at, e.occurred_at,
             self.plan.plan_id, self.plan.version, c.charged.input, c.charged.cached_input,
             c.charged.output, c.amounts["input"], c.amounts["cached_input"], c.amounts["output"],
+            posting_id,
         )  # fmt: skip
 
-    def booked_event(self) -> UsageBooked:
+    def booked_fields(self, event_id: str, occurred_at: datetime | str) -> dict[str, object]:
+        """The fields of this booking's UsageBooked event (the time as given)."""
         e = self.event
-        return UsageBooked(
+        return {
             **e.envelope_for("ledger"),
-            tier=e.tier,
-            prompt_tokens=e.prompt_tokens,
-            completion_tokens=e.completion_tokens,
-            energy_j=e.energy.energy_j,
-            cost=self.cost,
-            revenue=self.revenue,
-            currency=self.plan.currency,
-            price_version=self.price_version,
-            completion_event_id=e.event_id,
-        )
+            "type": "usage.booked",
+            "event_id": event_id,
+            "schema_version": 1,
+            "occurred_at": occurred_at,
+            "tier": e.tier,
+            "prompt_tokens": e.prompt_tokens,
+            "completion_tokens": e.completion_tokens,
+            "energy_j": e.energy.energy_j,
+            "cost": self.cost,
+            "revenue": self.revenue,
+            "currency": self.plan.currency,
+            "price_version": self.price_version,
+            "completion_event_id": e.event_id,
+        }
+
+    def booked_event(self, event_id: str, occurred_at: datetime) -> UsageBooked:
+        return UsageBooked(**self.booked_fields(event_id, occurred_at))
+
+    def booked_json(self, event_id: str, occurred_at_json: str) -> str:
+        """`booked_event(...).canonical_json()` without building the model, in half the time:
+        decimals are their str() in JSON and the time comes serialized (the same for the whole
+        batch). tests/integration/test_journal.py holds the two texts equal."""
+        fields = self.booked_fields(event_id, occurred_at_json).items()
+        return canonical_json({k: str(v) if isinstance(v, Decimal) else v for k, v in fields})
 
 
 USAGE_COLUMNS = [
@@ -276,8 +271,60 @@ USAGE_COLUMNS = [
     "energy_estimated", "compute_s", "energy_cost", "compute_cost", "cost", "revenue", "margin",
     "currency", "price_version", "submitted_at", "completed_at", "plan_id", "plan_version",
     "charged_input_tokens", "charged_cached_input_tokens", "charged_output_tokens",
-    "revenue_input", "revenue_cached_input", "revenue_output",
+    "revenue_input", "revenue_cached_input", "revenue_output", "posting_id",
 ]  # fmt: skip
+
+# A summary posting has at most two customer legs per request (prepaid, receivable) and a few
+# dozen others (revenue per tier and token class, cost); this many requests keep it in bounds.
+REQUESTS_PER_POSTING = (journal.LEGS_MAX - 96) // 2
+
+
+def usage_postings(bookings: list[Booking]) -> list[tuple[Posting, list[Booking]]]:
+    """The summary postings of `bookings`, each with the bookings it covers.
+
+    One per currency and day of completion (so balances as of a day's end are exact), split
+    to keep its legs in bounds. Each posts, per account, the sum of its requests' amounts:
+    the customers' prepaid draws and receivables against revenue by tier and token class, and
+    the cost of making them against what the factory owes for it. The request_usage rows keep
+    each request's share and name the posting."""
+    groups: dict[tuple[str, date], list[Booking]] = defaultdict(list)
+    for b in bookings:
+        groups[(b.plan.currency, b.event.occurred_at.astimezone(UTC).date())].append(b)
+    postings = []
+    for (currency, _), group in groups.items():
+        for first in range(0, len(group), REQUESTS_PER_POSTING):
+            covered = group[first : first + REQUESTS_PER_POSTING]
+            posting = _usage_posting(currency, covered)
+            if posting is not None:
+                postings.append((posting, covered))
+    return postings
+
+
+def _usage_posting(currency: str, covered: list[Booking]) -> Posting | None:
+    sums: dict[str, Decimal] = defaultdict(Decimal)
+    for b in covered:
+        e = b.event
+        sums[journal.prepaid(e.customer_id)] += b.prepaid_drawn
+        sums[journal.receivable(e.customer_id)] += b.revenue - b.prepaid_drawn
+        for c in TOKEN_CLASSES:
+            sums[f"revenue:{e.tier}:{c}"] -= b.charge.amounts[c]
+        sums["expense:energy"] += b.energy_cost
+        sums["accrued:energy"] -= b.energy_cost
+        sums["expense:compute"] += b.compute_cost
+        sums["accrued:compute"] -= b.compute_cost
+    legs = journal.legs(currency, *sums.items())
+    if not legs:
+        return None
+    first = covered[0].event
+    return Posting(
+        # Named by the first completion it covers: a completion is booked once, so no other
+        # usage posting can take that name.
+        event_id=first.event_id,
+        kind="usage",
+        description=f"usage of {len(covered)} requests from completion {first.event_id}",
+        effective_at=max(b.event.occurred_at for b in covered),
+        legs=legs,
+    )
 
 
 @dataclass(frozen=True)
@@ -492,18 +539,37 @@ async def _save_prepaid(conn: asyncpg.Connection, wallets: dict[tuple[str, str],
 async def _write_bookings(
     conn: asyncpg.Connection, bookings: list[Booking], booked_stream: str
 ) -> None:
+    postings = usage_postings(bookings)
+    posting_ids = await journal.write(conn, [p for p, _ in postings])
+    posting_of = {
+        b.event.event_id: posting_id
+        for (_, covered), posting_id in zip(postings, posting_ids, strict=True)
+        for b in covered
+    }
     await conn.copy_records_to_table(
         "request_usage",
         schema_name="ledger",
         columns=USAGE_COLUMNS,
-        records=[b.usage_row() for b in bookings],
+        records=[b.usage_row(posting_of.get(b.event.event_id)) for b in bookings],
     )
-    await journal.write(conn, [p for b in bookings if (p := b.posting()) is not None])
-    outbox = [outbox_values(booked_stream, b.booked_event()) for b in bookings]
+    await _queue_booked(conn, bookings, booked_stream)
+
+
+async def _queue_booked(conn: asyncpg.Connection, bookings: list[Booking], stream: str) -> None:
+    """Queue each booking's UsageBooked in the outbox in one statement, the events serialized
+    directly, all of a batch occurring at the same instant, in the same trace."""
+    now = utc_now()
+    now_json = _DATETIME.dump_python(now, mode="json")
+    trace = tracing.inject()
+    rows = []
+    for b in bookings:
+        event_id = new_id()
+        headers = {"event_id": event_id, "event_type": "usage.booked", **trace}
+        rows.append((event_id, "usage.booked", stream, b.booked_json(event_id, now_json), headers))
     await conn.execute(
         f"INSERT INTO ledger.outbox {OUTBOX_COLUMNS} SELECT * FROM unnest($1::text[], "
         "$2::text[], $3::text[], $4::text[], $5::jsonb[])",
-        *(list(column) for column in zip(*outbox, strict=True)),
+        *(list(column) for column in zip(*rows, strict=True)),
     )
 
 

@@ -16,7 +16,9 @@ from typing import NamedTuple
 
 import asyncpg
 
-LEGS_MAX = 32
+# A summary usage posting has a leg per customer account it moves: up to two per request of
+# a batch (ledger_batch_max), in as many postings as it takes.
+LEGS_MAX = 4096
 DESCRIPTION_CHARS_MAX = 500
 
 # Account type by the first part of its id (the contract's naming; docs/architecture.md).
@@ -53,8 +55,7 @@ def prepaid(customer_id: str) -> str:
 
 
 class Leg(NamedTuple):
-    """One side of a posting. A tuple, not a dataclass: a booking makes eight of them per
-    request, and tuple construction is several times cheaper."""
+    """One side of a posting. A tuple, not a dataclass: cheaper to build by the thousand."""
 
     account_id: str
     amount: Decimal
@@ -96,8 +97,9 @@ def legs(currency: str, *amounts: tuple[str, Decimal]) -> tuple[Leg, ...]:
     return tuple(Leg(account, amount, currency) for account, amount in amounts if amount != 0)
 
 
-async def write(conn: asyncpg.Connection, postings: list[Posting]) -> None:
-    """Write `postings` and their legs in bulk, creating the accounts they name.
+async def write(conn: asyncpg.Connection, postings: list[Posting]) -> list[int]:
+    """Write `postings` and their legs in bulk, creating the accounts they name; return the
+    postings' ids, in order.
 
     Call inside the transaction that applied the events the postings are for: the database
     checks at its commit that every posting balances, and the postings' (event, kind) keys
@@ -105,7 +107,7 @@ async def write(conn: asyncpg.Connection, postings: list[Posting]) -> None:
     """
     assert conn.is_in_transaction(), "postings are written with the change that caused them"
     if not postings:
-        return
+        return []
     await _ensure_accounts(
         conn, {(leg.account_id, leg.currency) for p in postings for leg in p.legs}
     )
@@ -141,6 +143,7 @@ async def write(conn: asyncpg.Connection, postings: list[Posting]) -> None:
             for leg_no, leg in enumerate(p.legs, start=1)
         ],
     )
+    return posting_ids
 
 
 async def _ensure_accounts(conn: asyncpg.Connection, pairs: Iterable[tuple[str, str]]) -> None:

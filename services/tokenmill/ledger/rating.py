@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from functools import cached_property
 from typing import Literal
 
 from tokenmill.money import TOKENS_PER_MILLION, quantize_amount
@@ -56,7 +57,11 @@ class TokenCounts:
         return getattr(self, token_class)
 
     def __add__(self, other: TokenCounts) -> TokenCounts:
-        return TokenCounts(*(self.of(c) + other.of(c) for c in TOKEN_CLASSES))
+        return TokenCounts(
+            self.input + other.input,
+            self.cached_input + other.cached_input,
+            self.output + other.output,
+        )
 
 
 @dataclass(frozen=True)
@@ -131,13 +136,16 @@ def period_amount(plan: PlanVersion, token_class: TokenClass, tokens: int) -> De
 def charged_part(counts: TokenCounts, included_left: int) -> TokenCounts:
     """`counts` less what the included quota still covers, used up input first, then cached
     input, then output."""
-    left = max(0, included_left)
-    charged = {}
-    for token_class in TOKEN_CLASSES:
-        covered = min(left, counts.of(token_class))
-        charged[token_class] = counts.of(token_class) - covered
-        left -= covered
-    return TokenCounts(**charged)
+    if included_left <= 0:
+        return counts
+    input_covered = min(included_left, counts.input)
+    cached_covered = min(included_left - input_covered, counts.cached_input)
+    output_covered = min(included_left - input_covered - cached_covered, counts.output)
+    return TokenCounts(
+        counts.input - input_covered,
+        counts.cached_input - cached_covered,
+        counts.output - output_covered,
+    )
 
 
 @dataclass(frozen=True)
@@ -155,21 +163,41 @@ class RequestCharge:
     amounts: Mapping[TokenClass, Decimal]
     after: PeriodPosition
 
-    @property
+    @cached_property  # A booking reads it several times: summed once.
     def total(self) -> Decimal:
         return sum(self.amounts.values(), Decimal(0))
+
+
+_ZERO_AMOUNT = quantize_amount(Decimal(0))
+
+
+def graduated_between(bands: tuple[Band, ...], low: int, high: int) -> Decimal:
+    """graduated_amount(high) - graduated_amount(low), exactly, in one pass over the bands."""
+    amount, floor = Decimal(0), 0
+    for band in bands:
+        ceiling = high if band.up_to_tokens is None else min(high, band.up_to_tokens)
+        start = max(floor, low)
+        if ceiling > start:
+            amount += (ceiling - start) * band.price_per_mtok
+        floor = max(floor, ceiling)
+        if floor >= high:
+            break
+    return amount / TOKENS_PER_MILLION
+
+
+def class_charge(plan: PlanVersion, token_class: TokenClass, before: int, charged: int) -> Decimal:
+    """What `charged` more tokens of `token_class` add to a period's amount at `before`."""
+    if charged == 0:
+        return _ZERO_AMOUNT  # Neither mode moves a period's amount without new tokens.
+    if plan.tiers_mode == "graduated":
+        return quantize_amount(graduated_between(plan.bands[token_class], before, before + charged))
+    after_amount = period_amount(plan, token_class, before + charged)
+    return quantize_amount(after_amount - period_amount(plan, token_class, before))
 
 
 def rate_request(plan: PlanVersion, before: PeriodPosition, counts: TokenCounts) -> RequestCharge:
     """What one request's `counts` are charged, given where its period stood `before` it."""
     charged = charged_part(counts, plan.included_tokens_monthly - before.tokens)
-    after_charged = before.charged + charged
-    amounts = {
-        c: quantize_amount(
-            period_amount(plan, c, after_charged.of(c))
-            - period_amount(plan, c, before.charged.of(c))
-        )
-        for c in TOKEN_CLASSES
-    }
-    after = PeriodPosition(before.tokens + counts.total, after_charged)
+    amounts = {c: class_charge(plan, c, before.charged.of(c), charged.of(c)) for c in TOKEN_CLASSES}
+    after = PeriodPosition(before.tokens + counts.total, before.charged + charged)
     return RequestCharge(charged, amounts, after)

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -372,26 +372,44 @@ def cmd_keys_create(settings: Settings, args: argparse.Namespace) -> None:
         print(f"API key (shown once): {key}")
 
 
-def cmd_accounts(settings: Settings, args: argparse.Namespace) -> None:
-    """`tokenmill customers|budgets|credits ...`; exit 1 on bad input or a reconcile mismatch."""
+def operate(
+    settings: Settings,
+    what: str,
+    work: Callable[[Settings], tuple[str, bool]],
+    refused: tuple[type[Exception], ...],
+) -> None:
+    """Run one operator command on the servers of the live `up` (or the configured ones, or
+    embedded ones for it alone): print what it says, exit 1 when it reports a failure (a
+    reconcile that differs, a chain that does not verify), and turn refused input into one
+    line that names the command."""
     with infrastructure(settings) as resolved:
         asyncio.run(bootstrap(resolved))
         try:
-            output, ok = asyncio.run(customer_commands.command(resolved, args))
-        except (LookupError, ValueError) as exc:
-            raise SystemExit(f"tokenmill {args.command} {args.action}: {exc}") from exc
+            output, ok = work(resolved)
+        except refused as exc:
+            raise SystemExit(f"tokenmill {what}: {exc}") from None
     print(output)
     if not ok:
         raise SystemExit(1)
 
 
+def cmd_accounts(settings: Settings, args: argparse.Namespace) -> None:
+    """`tokenmill customers|budgets|credits ...`."""
+    operate(
+        settings,
+        f"{args.command} {args.action}",
+        lambda s: asyncio.run(customer_commands.command(s, args)),
+        (LookupError, ValueError),
+    )
+
+
 def cmd_prices(settings: Settings, args: argparse.Namespace) -> None:
-    with infrastructure(settings) as resolved:
-        asyncio.run(bootstrap(resolved))
-        try:
-            print(asyncio.run(prices.command(resolved, args)))
-        except prices.PriceError as exc:
-            raise SystemExit(f"tokenmill prices {args.prices_command}: {exc.message}") from None
+    operate(
+        settings,
+        f"prices {args.prices_command}",
+        lambda s: (asyncio.run(prices.command(s, args)), True),
+        (prices.PriceError,),
+    )
 
 
 def cmd_dlq(settings: Settings, args: argparse.Namespace) -> None:
@@ -416,35 +434,31 @@ def _worker_count(raw: str) -> int:
 
 
 def cmd_audit(settings: Settings, args: argparse.Namespace) -> None:
-    with infrastructure(settings) as resolved:
-        asyncio.run(bootstrap(resolved))
-        try:
-            output, done = audit.run(resolved, args)
-        except (LookupError, AuditKeyError) as exc:
-            raise SystemExit(f"tokenmill audit {args.audit_command}: {exc}") from exc
-    print(output)
-    if not done:
-        raise SystemExit(1)
+    operate(
+        settings,
+        f"audit {args.audit_command}",
+        lambda s: audit.run(s, args),
+        (LookupError, AuditKeyError),
+    )
 
 
 def cmd_streams(settings: Settings, args: argparse.Namespace) -> None:
-    with infrastructure(settings) as resolved:
-        asyncio.run(bootstrap(resolved))
-        try:
-            print(asyncio.run(retention.command(resolved, args)))
-        except retention.RetentionConfigError as exc:
-            raise SystemExit(f"tokenmill streams {args.streams_command}: {exc}") from exc
+    operate(
+        settings,
+        f"streams {args.streams_command}",
+        lambda s: (asyncio.run(retention.command(s, args)), True),
+        (retention.RetentionConfigError,),
+    )
 
 
 def cmd_books(settings: Settings, args: argparse.Namespace) -> None:
     """`tokenmill invoices ...` and `tokenmill reports`."""
-    with infrastructure(settings) as resolved:
-        asyncio.run(bootstrap(resolved))
-        try:
-            output = asyncio.run(books.command(resolved, args))
-        except (books.CommandError, LookupError) as exc:
-            raise SystemExit(f"tokenmill {args.command}: {exc}") from exc
-    print(output)
+    operate(
+        settings,
+        args.command,
+        lambda s: (asyncio.run(books.command(s, args)), True),
+        (books.CommandError, LookupError),
+    )
 
 
 def parser() -> argparse.ArgumentParser:

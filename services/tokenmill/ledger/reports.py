@@ -163,7 +163,7 @@ def report_text(rep: Report) -> str:
         out.append(f"{key:<24}" + "".join(f"{cell:>14}" for cell in (*cells, _q(fig.margin))))
     t = rep.totals.as_json()
     out += [
-        f"energy {t['energy_j']} J ({t['energy_kwh']} kWh); per million tokens: "
+        f"energy {rep.totals.energy_j:.1f} J ({t['energy_kwh']} kWh); per million tokens: "
         f"revenue {t['revenue_per_mtok']}, cost {t['cost_per_mtok']}",
     ]
     return "\n".join(out)

@@ -58,8 +58,10 @@ class Up:
         the two servers."""
         found = {}
         for child in psutil.Process(self.process.pid).children():
-            name = child.name()
-            found[child.cmdline()[-1] if name.startswith("python") else name] = child
+            # A child that just died (a zombie until `up` reaps and replaces it) is not one.
+            with contextlib.suppress(psutil.ZombieProcess, psutil.NoSuchProcess):
+                name = child.name()
+                found[child.cmdline()[-1] if name.startswith("python") else name] = child
         return found
 
     def server(self, name: str) -> psutil.Process:

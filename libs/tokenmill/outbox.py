@@ -19,7 +19,7 @@ import asyncpg
 
 from tokenmill.db import listening
 from tokenmill.events import Event
-from tokenmill.outage import OutageBackoff, is_outage
+from tokenmill.outage import OutageBackoff, is_outage, stop_if_cancelled
 from tokenmill.settings import Settings
 from tokenmill.streams import event_headers
 
@@ -95,6 +95,7 @@ class OutboxRelay:
             try:
                 published = await self.publish_batch()
             except Exception as exc:  # The rows stay unpublished: retry them later.
+                stop_if_cancelled()
                 if is_outage(exc):
                     await self._backoff.failed(exc)
                 else:

@@ -27,6 +27,7 @@ import logging
 import asyncpg
 from redis.asyncio import Redis as RedisClient
 
+from tokenmill.outage import stop_if_cancelled
 from tokenmill.outbox import PublishBatch, mark_published
 from tokenmill.settings import Settings
 from tokenmill.streams import create_groups
@@ -105,6 +106,7 @@ class Reconciler:
             try:
                 await self.reconcile_once()
             except Exception as exc:  # Redis or Postgres down: the next round tries again.
+                stop_if_cancelled()
                 log.warning("reconciler %s: %s", self._schema, exc)
             await asyncio.sleep(self._interval_s)
 

@@ -20,7 +20,6 @@ from tokenmill.events import EnergyReading, JobCompleted, JobSubmitted, parse_ev
 from tokenmill.inspector.main import wire as inspector_wire
 from tokenmill.intake.api import create_app
 from tokenmill.intake.main import wire as intake_wire
-from tokenmill.ledger.books import prices_at
 from tokenmill.ledger.main import wire as ledger_wire
 from tokenmill.settings import Settings
 from tokenmill.signing import SigningKeys
@@ -153,21 +152,3 @@ async def test_completion_delivered_three_times_is_booked_once(
     assert standard["tier"] == "standard" and standard["completion_tokens"] == 5
     assert standard["revenue"] == "0.0000125" and "cost" not in standard
     assert standard["currency"] == "USD"
-
-
-async def test_price_change_does_not_reprice_past_usage(pool: asyncpg.Pool):
-    async with pool.acquire() as conn:
-        transaction = conn.transaction()
-        await transaction.start()
-        try:
-            before = await prices_at(conn, "standard", utc_now())
-            await conn.execute(
-                "INSERT INTO ledger.price_book VALUES "
-                "('2099-01', 'standard', 'input', 9, 'USD', '2099-01-01'), "
-                "('2099-01', 'standard', 'output', 9, 'USD', '2099-01-01')"
-            )
-            assert await prices_at(conn, "standard", utc_now()) == before
-            later = await prices_at(conn, "standard", utc_now().replace(year=2099, month=6))
-            assert later.output_per_mtok == 9 and later.version == "2099-01"
-        finally:
-            await transaction.rollback()  # Leave the shared database's price book as it was.

@@ -36,7 +36,7 @@ from tokenmill.events import (
 from tokenmill.ledger import journal
 from tokenmill.ledger.journal import Posting
 from tokenmill.ledger.plans import versions_in_force
-from tokenmill.ledger.pricing import CostRates, TierPrices, Usage, compute_cost, device_class
+from tokenmill.ledger.pricing import CostRates, Usage, compute_cost, device_class
 from tokenmill.ledger.pricing import energy_cost as energy_cost_of
 from tokenmill.ledger.rating import (
     TOKEN_CLASSES,
@@ -133,26 +133,6 @@ async def lock_customers(conn: asyncpg.Connection, customer_ids: Iterable[str]) 
         "SELECT pg_advisory_xact_lock(hashtextextended('ledger.customer:' || c, 0)) "
         "FROM unnest($1::text[]) AS c ORDER BY c",
         sorted(set(customer_ids)),
-    )
-
-
-async def prices_at(conn: asyncpg.Connection, tier: str, at: datetime) -> TierPrices:
-    """The old price book's prices (before price plans); kept readable for audits."""
-    rows = await conn.fetch(
-        "SELECT DISTINCT ON (token_class) token_class, price_per_mtok, currency, version "
-        "FROM ledger.price_book WHERE tier = $1 AND effective_from <= $2 "
-        "ORDER BY token_class, effective_from DESC",
-        tier,
-        at,
-    )
-    by_class = {r["token_class"]: r for r in rows}
-    if set(by_class) != {"input", "output"}:
-        raise LookupError(f"no complete price for tier {tier!r} at {at.isoformat()}")
-    return TierPrices(
-        version=by_class["output"]["version"],
-        currency=by_class["output"]["currency"],
-        input_per_mtok=by_class["input"]["price_per_mtok"],
-        output_per_mtok=by_class["output"]["price_per_mtok"],
     )
 
 

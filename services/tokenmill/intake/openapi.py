@@ -165,30 +165,24 @@ class ModelList(_Closed):
     data: list[Model]
 
 
-class TierUsage(_Closed):
+class _UsageFigures(_Closed):
+    requests: int
+    completed: int
+    booked: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    energy_j: DecimalString
+    revenue: DecimalString
+    currency: str | None
+
+
+class TierUsage(_UsageFigures):
     tier: Tier
-    requests: int
-    completed: int
-    booked: int
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    energy_j: DecimalString
-    revenue: DecimalString
-    currency: str | None
 
 
-class GroupUsage(_Closed):
+class GroupUsage(_UsageFigures):
     group: str = Field(description="The day (YYYY-MM-DD, UTC), model or tier.")
-    requests: int
-    completed: int
-    booked: int
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    energy_j: DecimalString
-    revenue: DecimalString
-    currency: str | None
 
 
 class UsageReport(_Closed):

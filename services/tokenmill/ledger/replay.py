@@ -74,6 +74,7 @@ STREAM_FETCH_ENTRIES = 10_000
 # batches because nothing waits on them (a summary posting is split at its own limit).
 REPLAY_BATCH_MAX = 5_000
 DOCUMENT_BATCH = 100
+DIFF_CHUNK_ROWS = 50_000
 SOURCES = ("log", "redis")
 
 
@@ -130,6 +131,7 @@ class Report:
     totals: dict[str, dict[str, str]] = field(default_factory=dict)
     differences: list[str] = field(default_factory=list)
     archive: dict[str, int] = field(default_factory=dict)
+    fold_s: float = 0.0
     elapsed_s: float = 0.0
 
     @property
@@ -148,13 +150,15 @@ class Report:
             "totals": self.totals,
             "archive": self.archive,
             "differences": self.differences,
+            "fold_s": round(self.fold_s, 3),
             "elapsed_s": round(self.elapsed_s, 3),
         }
 
     def text(self) -> str:
         lines = [
             f"replay {self.window.time_from.isoformat()} .. {self.window.time_to.isoformat()} "
-            f"from the {self.source} into {self.scratch} ({self.elapsed_s:.1f} s)",
+            f"from the {self.source} into {self.scratch} ({self.elapsed_s:.1f} s, of which "
+            f"the fold {self.fold_s:.1f} s)",
             "events replayed: "
             + ", ".join(f"{k} {v}" for k, v in sorted(self.events.items()))
             + f" (total {sum(self.events.values())})",
@@ -269,25 +273,43 @@ class Fold:
             await books.apply_completions(self.scratch, self.batch, self.booked_stream, self.slo)
         self.batch = []
 
-    async def document(self, doc: Document) -> None:
-        """Re-issue `doc` with the live code; a document that comes out differently (or not
-        at all) is found by the diff."""
+    async def documents(self, docs: list[Document]) -> None:
+        """Re-issue `docs` (one live transaction's: one time, kind and period) with the live
+        code; a document that comes out differently (or not at all) is found by the diff."""
         await self.flush()
-        year = doc.at.astimezone(UTC).year
-        if doc.kind == "credit_note":
-            await invoices.issue_credit_notes(self.scratch, DOCUMENT_BATCH, doc.customer_id, year)
+        first = docs[0]
+        year = first.at.astimezone(UTC).year
+        if first.kind == "credit_note":
+            # One customer at a time, in the live numbers' order: within one sweep the live
+            # code orders notes by invoice id, which a replay cannot reproduce.
+            for doc in docs:
+                await invoices.issue_credit_notes(
+                    self.scratch, DOCUMENT_BATCH, doc.customer_id, year
+                )
             return
-        assert doc.period is not None
-        await invoices.open_drafts_for_unbilled(self.scratch, doc.period, doc.customer_id)
-        draft = await self.scratch.fetchval(
-            "SELECT invoice_id FROM ledger.invoices WHERE customer_id = $1 AND period = $2 "
-            "AND currency = $3 AND status = 'draft'",
-            doc.customer_id,
-            doc.period.start,
-            doc.currency,
+        assert first.period is not None
+        await invoices.open_drafts_for_unbilled(self.scratch, first.period)
+        drafts = await self.scratch.fetch(
+            "SELECT d.invoice_id FROM ledger.invoices d JOIN unnest($2::text[], $3::text[]) "
+            "AS k(customer_id, currency) USING (customer_id, currency) "
+            "WHERE d.period = $1 AND d.status = 'draft'",
+            first.period.start,
+            [d.customer_id for d in docs],
+            [d.currency for d in docs],
         )
-        if draft is not None:
-            await invoices.finalize_batch(self.scratch, doc.period, [draft], year)
+        if drafts:
+            # One batch, as live: its numbers follow the same order (customer, currency).
+            ids = [r["invoice_id"] for r in drafts]
+            await invoices.finalize_batch(self.scratch, first.period, ids, year)
+
+
+def _same_transaction(docs: list[Document], start: int) -> int:
+    """The end of the run of documents from `start` that one live transaction issued."""
+    key = (docs[start].at, docs[start].kind, docs[start].period)
+    end = start + 1
+    while end < len(docs) and (docs[end].at, docs[end].kind, docs[end].period) == key:
+        end += 1
+    return end
 
 
 async def fold(
@@ -304,11 +326,17 @@ async def fold(
         total = await live.fetchval("SELECT count(*) FROM ledger.events")
         progress.start(total + len(extra))
     next_doc = 0
+
+    async def issue_documents_before(at: datetime | None) -> None:
+        nonlocal next_doc
+        while next_doc < len(documents) and (at is None or documents[next_doc].at < at):
+            end = _same_transaction(documents, next_doc)
+            await fold_.documents(documents[next_doc:end])
+            next_doc = end
+
     async for chunk in _log_events(live, bodies):
         for item in chunk:
-            while next_doc < len(documents) and documents[next_doc].at < item.recorded_at:
-                await fold_.document(documents[next_doc])
-                next_doc += 1
+            await issue_documents_before(item.recorded_at)
             await fold_.event(item.logged)
         if progress is not None:
             progress.advance(len(chunk))
@@ -316,8 +344,7 @@ async def fold(
         await fold_.event(logged)
     if progress is not None and extra:
         progress.advance(len(extra))
-    for doc in documents[next_doc:]:
-        await fold_.document(doc)
+    await issue_documents_before(None)
     await fold_.flush()
 
 
@@ -360,13 +387,15 @@ async def drop_scratch(live: asyncpg.Connection, name: str) -> None:
 
 # --- the diff -----------------------------------------------------------------------------
 
-_REQUESTS = """
+_REQUESTS_AFTER = """
 SELECT request_id, completion_event_id, customer_id, tier, model, currency, plan_id,
        plan_version, price_version, prompt_tokens, completion_tokens, cached_prompt_tokens,
        charged_input_tokens, charged_cached_input_tokens, charged_output_tokens,
        revenue_input, revenue_cached_input, revenue_output, revenue, energy_j, energy_cost,
        compute_cost, cost, margin, submitted_at, completed_at
 FROM ledger.request_usage WHERE completed_at >= $1 AND completed_at < $2
+  AND request_id > $3 AND ($4::text IS NULL OR request_id <= $4)
+ORDER BY request_id LIMIT $5
 """
 _CREDITS = """
 SELECT coalesce(c.request_id, c.event_id) AS request_id, c.reason, c.customer_id, c.amount,
@@ -446,10 +475,12 @@ async def diff(
 ) -> None:
     span = (window.time_from, window.time_to)
     day_span = (window.time_from.astimezone(UTC).date(), window.time_to.astimezone(UTC).date())
+    totals: dict[str, dict[str, Decimal]] = {"live": defaultdict(Decimal),
+                                             "rebuilt": defaultdict(Decimal)}  # fmt: skip
+    await _diff_requests(live, scratch, span, report, totals)
     sides = {}
     for side, conn in (("live", live), ("rebuilt", scratch)):
         sides[side] = {
-            "requests": _keyed(await conn.fetch(_REQUESTS, *span), lambda r: r["request_id"]),
             "credits": _keyed(
                 await conn.fetch(_CREDITS, *span), lambda r: (r["request_id"], r["reason"])
             ),
@@ -459,31 +490,54 @@ async def diff(
                 await conn.fetch(_CREDIT_NOTES, *day_span), lambda r: r["number"]
             ),
         }
-    for what in ("requests", "credits", "balance", "invoice", "credit note"):
+        _add_totals(sides[side], totals[side])
+    for what in ("credits", "balance", "invoice", "credit note"):
         live_rows, rebuilt_rows = sides["live"][what], sides["rebuilt"][what]
         report.counts[what] = {"live": len(live_rows), "rebuilt": len(rebuilt_rows)}
-        _diff(what.rstrip("s") if what != "credits" else "credit", live_rows, rebuilt_rows,
-              report.differences)  # fmt: skip
-    live_totals, rebuilt_totals = _totals(sides["live"]), _totals(sides["rebuilt"])
-    for key in sorted(live_totals.keys() | rebuilt_totals.keys()):
+        _diff(what.rstrip("s"), live_rows, rebuilt_rows, report.differences)
+    for key in sorted(totals["live"].keys() | totals["rebuilt"].keys()):
         report.totals[key] = {
-            "live": str(live_totals.get(key, 0)),
-            "rebuilt": str(rebuilt_totals.get(key, 0)),
+            "live": str(totals["live"].get(key, 0)),
+            "rebuilt": str(totals["rebuilt"].get(key, 0)),
         }
 
 
-def _totals(side: dict[str, dict[Any, dict]]) -> dict[str, Decimal]:
-    """Per currency: revenue, cost and credits of the window; per account and currency: its
-    balance at the end of the window's last whole day."""
-    totals: dict[str, Decimal] = defaultdict(Decimal)
-    for row in side["requests"].values():
-        totals[f"revenue {row['currency']}"] += row["revenue"]
-        totals[f"cost {row['currency']}"] += row["cost"]
+async def _diff_requests(
+    live: asyncpg.Connection,
+    scratch: asyncpg.Connection,
+    span: tuple[datetime, datetime],
+    report: Report,
+    totals: dict[str, dict[str, Decimal]],
+) -> None:
+    """Diff the window's sub-ledger rows a range of request ids at a time (a month holds
+    millions: both sides whole would not fit in memory), adding up their totals."""
+    counts = {"live": 0, "rebuilt": 0}
+    after: str = ""
+    while True:
+        live_rows = await live.fetch(_REQUESTS_AFTER, *span, after, None, DIFF_CHUNK_ROWS)
+        full = len(live_rows) == DIFF_CHUNK_ROWS
+        upto = live_rows[-1]["request_id"] if full else None
+        rebuilt_rows = await scratch.fetch(_REQUESTS_AFTER, *span, after, upto, None)
+        for side, rows in (("live", live_rows), ("rebuilt", rebuilt_rows)):
+            counts[side] += len(rows)
+            for row in rows:
+                totals[side][f"revenue {row['currency']}"] += row["revenue"]
+                totals[side][f"cost {row['currency']}"] += row["cost"]
+        keyed = [_keyed(rows, lambda r: r["request_id"]) for rows in (live_rows, rebuilt_rows)]
+        _diff("request", *keyed, report.differences)
+        if upto is None:
+            break
+        after = upto
+    report.counts["requests"] = counts
+
+
+def _add_totals(side: dict[str, dict[Any, dict]], totals: dict[str, Decimal]) -> None:
+    """Per currency: the credits of the window; per account and currency: its balance at the
+    end of the last day the window touches."""
     for row in side["credits"].values():
         totals[f"credits {row['currency']}"] += row["amount"]
     for (account, currency, _), row in side["balance"].items():
         totals[f"balance {account} {currency}"] += row["amount"]
-    return dict(totals)
 
 
 # --- the streams as a source --------------------------------------------------------------
@@ -627,7 +681,9 @@ async def replay(
             scratch = await connect(url)
             try:
                 bodies, extra = (copy.bodies, copy.only_in_streams) if copy else (None, [])
+                fold_started = time.perf_counter()
                 await fold(live, Fold(scratch, settings, report), bodies, extra, progress)
+                report.fold_s = time.perf_counter() - fold_started
                 await diff(live, scratch, window, report)
             finally:
                 await scratch.close()

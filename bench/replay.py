@@ -66,6 +66,7 @@ async def book_month(pool: asyncpg.Pool, settings: Settings, n: int, batch: int)
     streams = Streams(settings.stream_prefix)
     slo = books.SloPolicy.from_settings(settings)
     started = time.perf_counter()
+    making_s = 0.0  # Making the events is the bench's work, not the ledger's.
     async with pool.acquire() as conn:
         for i in range(0, CUSTOMERS, 10):
             top_up = PrepaidCreditAdded(
@@ -76,7 +77,9 @@ async def book_month(pool: asyncpg.Pool, settings: Settings, n: int, batch: int)
             async with conn.transaction():
                 await books.apply_event(conn, books.Logged(top_up, streams.billing))
         for first in range(0, n, batch):
+            made = time.perf_counter()
             chunk = october_chunk(n, first, min(batch, n - first))
+            making_s += time.perf_counter() - made
             logged = [books.Logged(e, streams.completions, e.canonical_json()) for e in chunk]
             async with conn.transaction():
                 await books.apply_completions(conn, logged, streams.booked, slo)
@@ -89,7 +92,7 @@ async def book_month(pool: asyncpg.Pool, settings: Settings, n: int, batch: int)
                 )
                 async with conn.transaction():
                     await books.apply_event(conn, books.Logged(verdict, streams.quality))
-    booked_s = time.perf_counter() - started
+    booked_s = time.perf_counter() - started - making_s
     async with pool.acquire() as conn:
         await invoices.issue_period(
             conn, OCTOBER, now=datetime.now(UTC), grace_s=0, batch_size=1000

@@ -165,7 +165,7 @@ class Report:
         ]
         for what, pair in self.counts.items():
             lines.append(f"{what}: live {pair['live']}, rebuilt {pair['rebuilt']}")
-        for key, pair in sorted(self.totals.items()):
+        for key, pair in _customers_summed(self.totals).items():
             lines.append(f"total {key}: live {pair['live']}, rebuilt {pair['rebuilt']}")
         if self.archive:
             lines.append(
@@ -177,6 +177,26 @@ class Report:
             lines.append(f"DIFFERENT: {len(self.differences)} differences")
             lines += [f"  {d}" for d in self.differences]
         return "\n".join(lines)
+
+
+def _customers_summed(totals: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """The totals with the customers' accounts summed per kind and currency (a month has
+    thousands of customers: `--json` lists each)."""
+    summed: dict[str, dict[str, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
+    accounts: Counter = Counter()
+    for key, pair in totals.items():
+        words = key.split(" ")
+        if words[0] == "balance" and words[1].startswith("customer:"):
+            key = f"balance customers' {words[1].rsplit(':', 1)[1]} {words[2]}"
+            accounts[key] += 1
+        for side, value in pair.items():
+            summed[key][side] += Decimal(value)
+    return {
+        (f"{key} ({accounts[key]} accounts)" if key in accounts else key): {
+            side: str(value) for side, value in pair.items()
+        }
+        for key, pair in sorted(summed.items())
+    }
 
 
 # --- the fold -----------------------------------------------------------------------------

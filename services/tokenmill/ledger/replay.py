@@ -55,6 +55,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 from redis.asyncio import Redis as RedisClient
+from redis.exceptions import ResponseError
 
 from tokenmill.batches import _unpack
 from tokenmill.db import connect, migrate
@@ -75,6 +76,9 @@ STREAM_FETCH_ENTRIES = 10_000
 REPLAY_BATCH_MAX = 5_000
 DOCUMENT_BATCH = 100
 DIFF_CHUNK_ROWS = 50_000
+# The ledger's pending entries listed per stream: more than this many in flight at once means
+# the ledger is far behind, and a replay should wait for it.
+PENDING_LISTED_MAX = 100_000
 SOURCES = ("log", "redis")
 
 
@@ -631,7 +635,7 @@ async def _in_flight(redis: RedisClient, stream: str) -> dict[str, str]:
     """The ledger group's pending entry ids, and its last-delivered id as "last"."""
     try:
         groups = await redis.xinfo_groups(stream)
-    except Exception:  # noqa: BLE001 - a stream that does not exist holds nothing in flight.
+    except ResponseError:  # No such stream: nothing is in flight on it.
         return {}
     found: dict[str, str] = {}
     for group in groups:
@@ -640,7 +644,7 @@ async def _in_flight(redis: RedisClient, stream: str) -> dict[str, str]:
             continue
         last = group["last-delivered-id"]
         found["last"] = last.decode() if isinstance(last, bytes) else last
-        for pending in await redis.xpending_range(stream, "ledger", "-", "+", 10_000):
+        for pending in await redis.xpending_range(stream, "ledger", "-", "+", PENDING_LISTED_MAX):
             message_id = pending["message_id"]
             found[message_id.decode() if isinstance(message_id, bytes) else message_id] = "p"
     return found

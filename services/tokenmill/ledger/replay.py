@@ -276,10 +276,11 @@ class Fold:
         self.scratch, self.report = scratch, report
         self.slo = books.SloPolicy.from_settings(settings)
         self.booked_stream = Streams(settings.stream_prefix).booked
-        self.completions_stream = Streams(settings.stream_prefix).completions
         self.batch: list[books.Logged] = []
 
     async def event(self, logged: books.Logged) -> None:
+        """Book completions in batches, as the ledger's completions consumer does (a failed
+        job is only logged, either way); apply any other event alone, in order."""
         self.report.events[logged.event.type] += 1
         if isinstance(logged.event, JobCompleted | JobFailed):
             self.batch.append(logged)

@@ -8,7 +8,7 @@ PYTEST := $(BIN)/python -m pytest
 STAMP  := $(VENV)/.installed
 
 .PHONY: install run test unit integration e2e test-slow lint format bench bench-admission bench-books \
-        bench-engine bench-audit clean
+        bench-engine bench-audit bench-replay bench-chain-overhead clean
 
 install: $(STAMP)
 
@@ -67,6 +67,16 @@ bench-engine: install
 
 bench-audit: install
 	$(BIN)/python -m bench.audit
+
+# Events folded per second into a replay's scratch books, and a month of requests replayed and
+# diffed end to end; see bench/replay.py.
+bench-replay: install
+	$(BIN)/python -m bench.replay
+
+# The hash chain's overhead on the booking rate: bench-books with the chain's trigger off, then on.
+bench-chain-overhead: install
+	$(BIN)/python -m bench.books -n 20000 --no-chain
+	$(BIN)/python -m bench.books -n 20000
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -14,6 +14,10 @@ to CREATE DATABASE from, and TOKENMILL_BENCH_REDIS_URL), in a throwaway database
 4. COPYs the N booked usage rows into a scratch table, and times that;
 5. books a further slice in this process, directly through `book_completions` in batches, with
    the time per phase, to show where a booking's time goes.
+
+With `--no-chain` the hash chain's part on the booking path (the trigger that queues each
+logged event for the sealer, and so the sealer's work beside the consumer) is switched off:
+run it both ways to measure the chain's overhead on the booking rate.
 """
 
 from __future__ import annotations
@@ -177,7 +181,7 @@ async def profile_direct(pool: asyncpg.Pool, events: list[JobCompleted], batch: 
     return f"direct book_completions: {len(events) / elapsed:,.0f}/s\n{out.getvalue()}"
 
 
-async def run(n: int, batch: int) -> None:
+async def run(n: int, batch: int, chain: bool) -> None:
     run_id = new_id().lower()
     database = f"tm_bench_books_{run_id}"
     admin = await asyncpg.connect(ADMIN_URL)
@@ -196,6 +200,12 @@ async def run(n: int, batch: int) -> None:
     ledger = None
     try:
         await migrate(database_url)
+        if not chain:
+            bench_db = await asyncpg.connect(database_url)
+            await bench_db.execute(
+                "ALTER TABLE ledger.events DISABLE TRIGGER events_queue_for_sealing"
+            )
+            await bench_db.close()
         await create_groups(redis, streams.groups(settings.region))
         keys = SigningKeys.parse(settings.signing_keys)
         events = completions(n, run_id[-6:])
@@ -224,7 +234,10 @@ async def run(n: int, batch: int) -> None:
             f"{counts['legs']:,} legs, 0 unbalanced; "
             f"{REDELIVERED:,} redelivered, nothing posted twice)"
         )
-        print(f"ledger consumer:  {booked_rate:,.0f} requests booked/s (batches of {batch})")
+        print(
+            f"ledger consumer:  {booked_rate:,.0f} requests booked/s (batches of {batch}; "
+            f"hash chain {'on' if chain else 'off'})"
+        )
         print(f"raw COPY:         {raw_rate:,.0f} usage rows/s ({rows:,} rows)")
         print(f"ratio:            booking runs at {booked_rate / raw_rate:.1%} of a raw COPY")
         print(await profile_direct(pool, completions(PROFILED, run_id[-6:] + "p"), batch))
@@ -243,8 +256,11 @@ def main() -> None:
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args.add_argument("-n", type=int, default=100_000, help="completions to book")
     args.add_argument("--batch", type=int, default=1000, help="entries per ledger transaction")
+    args.add_argument(
+        "--no-chain", action="store_true", help="switch the hash chain's queue trigger off"
+    )
     parsed = args.parse_args()
-    asyncio.run(run(parsed.n, parsed.batch))
+    asyncio.run(run(parsed.n, parsed.batch, not parsed.no_chain))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from tokenmill.db import migrate
 from tokenmill.embedded import EmbeddedInfra, die_with_parent
 from tokenmill.intake import admin, customer_commands
 from tokenmill.intake.admin_api import ADMIN_PREFIX, ADMIN_TOKEN_FILE, with_admin_token
-from tokenmill.ledger import audit, prices
+from tokenmill.ledger import audit, prices, replay
 from tokenmill.ledger import commands as books
 from tokenmill.ledger.chain import AuditKeyError, with_audit_key
 from tokenmill.settings import ENV_PREFIX, Settings
@@ -434,6 +434,13 @@ def _worker_count(raw: str) -> int:
 
 
 def cmd_audit(settings: Settings, args: argparse.Namespace) -> None:
+    if args.audit_command == "replay":
+        # Bad input is refused before anything is connected to, with argparse's status.
+        try:
+            replay.window_of(args)
+        except replay.ReplayInputError as exc:
+            print(f"tokenmill audit replay: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
     operate(
         settings,
         f"audit {args.audit_command}",

@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 
 from tokenmill import retention
-from tokenmill.ledger import chain
+from tokenmill.ledger import chain, replay
 from tokenmill.ledger.verify import verify
 from tokenmill.settings import Settings
 from tokenmill.streams import Streams
@@ -42,7 +42,7 @@ def background(runtime: Any) -> list[Coroutine[Any, Any, None]]:
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    """`tokenmill audit verify|checkpoint|public-key|seal|export`."""
+    """`tokenmill audit verify|checkpoint|public-key|seal|export|replay`."""
     audit = commands.add_parser("audit", help="verify, sign and export the hash-chained log")
     actions = audit.add_subparsers(dest="audit_command", required=True)
     check = actions.add_parser("verify", help="walk the hash chain and check every checkpoint")
@@ -59,6 +59,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--from", dest="time_from", required=True, type=_utc, metavar="T1")
     export.add_argument("--to", dest="time_to", required=True, type=_utc, metavar="T2")
     export.add_argument("--out", required=True, type=Path, metavar="DIR")
+    replay.add_command(actions)
 
 
 def _utc(text: str) -> datetime:
@@ -71,6 +72,8 @@ def _utc(text: str) -> datetime:
 
 async def command(settings: Settings, args: argparse.Namespace) -> tuple[str, bool]:
     """Run one `audit` command; return what to print and whether it succeeded."""
+    if args.audit_command == "replay":
+        return await replay.command(settings, args)
     if args.audit_command == "public-key":
         return chain.public_key_bytes(_key(settings)).hex(), True
     if args.audit_command == "verify":

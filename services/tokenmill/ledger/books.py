@@ -584,6 +584,33 @@ def _credit(
     )  # fmt: skip
 
 
+async def apply_event(conn: asyncpg.Connection, logged: Logged) -> bool:
+    """Log one event of any stream but the completions' and apply it to the books, in the
+    caller's transaction; False if the log already had it (a redelivery: nothing changes).
+    The ledger's consumers and `tokenmill audit replay` both come here."""
+    assert conn.is_in_transaction(), "the log append and the books commit together"
+    event = logged.event
+    if not await append_events(conn, [logged]):
+        return False
+    if isinstance(event, QualityVerdict):
+        await record_verdict(conn, event)
+    elif isinstance(event, PowerSample):
+        await record_power(conn, event)
+    elif isinstance(event, PrepaidCreditAdded):
+        await record_prepaid(conn, event)
+    return True
+
+
+async def apply_completions(
+    conn: asyncpg.Connection, logged: Sequence[Logged], booked_stream: str, slo: SloPolicy
+) -> list[Booking]:
+    """Log a batch of the completions stream and book its completions, in the caller's
+    transaction. Failed jobs and other events of that stream are only logged."""
+    completions = [x for x in logged if isinstance(x.event, JobCompleted)]
+    await append_events(conn, [x for x in logged if not isinstance(x.event, JobCompleted)])
+    return await book_completions(conn, completions, booked_stream, slo)
+
+
 async def record_verdict(conn: asyncpg.Connection, event: QualityVerdict) -> None:
     """Keep the verdict on one completion; the request's is its booked completion's
     (the ledger.request_quality view). A defective verdict on the booked completion credits

@@ -297,9 +297,10 @@ def _line_record(invoice_id: str, line_no: int, line: Line) -> tuple:
 
 
 async def finalize_batch(
-    conn: asyncpg.Connection, period: Period, invoice_ids: Sequence[str]
+    conn: asyncpg.Connection, period: Period, invoice_ids: Sequence[str], year: int | None = None
 ) -> list[str]:
-    """Finalize those of `invoice_ids` (drafts of `period`) still drafts; return their numbers."""
+    """Finalize those of `invoice_ids` (drafts of `period`) still drafts; return their numbers,
+    from `year`'s series (default: this year's; a replay re-issues in the original's year)."""
     async with conn.transaction():
         drafts = await conn.fetch(
             "SELECT invoice_id, customer_id, currency FROM ledger.invoices "
@@ -315,7 +316,7 @@ async def finalize_batch(
         if not drafts:
             return []
         drafts = sorted(drafts, key=lambda d: (d["customer_id"], d["currency"]))
-        year = await conn.fetchval("SELECT extract(year FROM now() AT TIME ZONE 'UTC')::int")
+        year = year or await _this_year(conn)
         series = f"{INVOICE_SERIES}-{year}"
         numbers = await take_numbers(conn, series, len(drafts))
         lines, applied, updates = [], [], []
@@ -353,6 +354,10 @@ async def finalize_batch(
             updates,
         )
         return [update[1] for update in updates]
+
+
+async def _this_year(conn: asyncpg.Connection) -> int:
+    return await conn.fetchval("SELECT extract(year FROM now() AT TIME ZONE 'UTC')::int")
 
 
 async def _drop_empty_supplements(
@@ -483,24 +488,27 @@ ORDER BY invoice_id, credit_id
 
 
 async def issue_credit_notes(
-    conn: asyncpg.Connection, batch_size: int, customer_id: str | None = None
+    conn: asyncpg.Connection,
+    batch_size: int,
+    customer_id: str | None = None,
+    year: int | None = None,
 ) -> list[str]:
     """Put every credit of a finalized invoice (of `customer_id` only, when given) that no
     document shows yet on a credit note for that invoice, `batch_size` invoices per
-    transaction; return the notes' numbers."""
+    transaction; return the notes' numbers (from `year`'s series; default this year's)."""
     numbers: list[str] = []
     while True:
-        issued = await _credit_notes_batch(conn, batch_size, customer_id)
+        issued = await _credit_notes_batch(conn, batch_size, customer_id, year)
         if not issued:
             return numbers
         numbers += issued
 
 
 async def _credit_notes_batch(
-    conn: asyncpg.Connection, batch_size: int, customer_id: str | None
+    conn: asyncpg.Connection, batch_size: int, customer_id: str | None, year: int | None
 ) -> list[str]:
     async with conn.transaction():
-        year = await conn.fetchval("SELECT extract(year FROM now() AT TIME ZONE 'UTC')::int")
+        year = year or await _this_year(conn)
         series = f"{CREDIT_NOTE_SERIES}-{year}"
         # Taking the series' counter first serializes sweeps: a second one waits here, then
         # sees the first one's applications.

@@ -1,0 +1,148 @@
+"""`make bench-replay`: how fast `tokenmill audit replay` folds the event log into scratch books,
+and how long it takes to replay and diff a month of N requests end to end.
+
+What it does, on the machine's PostgreSQL (TOKENMILL_BENCH_DATABASE_URL, a database to CREATE
+DATABASE from), in a throwaway database:
+1. books a month (October 2026) of N completions of 1,000 customers (standard and premium,
+   a defective verdict on 1 in 200, a prepaid top-up for 1 customer in 10) through the ledger's
+   own entry points (`books.apply_completions` in batches of `--batch`, `books.apply_event`),
+   which is what the consumers run, and issues October's invoices;
+2. runs the replay (`replay.replay`: scratch database, fold, diff) over October, and prints the
+   events folded per second, the fold and end-to-end times, and whether the books agreed.
+
+The live booking in step 1 is timed too, as the baseline of the same run: the fold runs the
+same code, so its rate is bounded by it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from bench.books import completions
+from tokenmill.db import create_pool, migrate
+from tokenmill.events import PrepaidCreditAdded, QualitySignal, QualityVerdict
+from tokenmill.ledger import books, invoices, replay
+from tokenmill.ledger.billing import Period
+from tokenmill.settings import Settings
+from tokenmill.streams import Streams
+
+ADMIN_URL = os.environ.get(
+    "TOKENMILL_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+OCTOBER = Period.parse("2026-10")
+CUSTOMERS = 1000
+DEFECTIVE_EVERY = 200
+
+
+def october_chunk(n: int, first: int, count: int) -> list:
+    """Completions `first` .. `first + count` of the month's `n`, spread evenly over October
+    in order, of 1,000 customers (made a chunk at a time: a million events do not fit in
+    memory as models)."""
+    step_ms = (OCTOBER.end_at - OCTOBER.start_at) / timedelta(milliseconds=1) / (n + 1)
+    return [
+        e.model_copy(
+            update={
+                "customer_id": f"cus_bench_replay_{(first + i) % CUSTOMERS}",
+                "submitted_at": OCTOBER.start_at + timedelta(milliseconds=step_ms * (first + i)),
+                "occurred_at": OCTOBER.start_at
+                + timedelta(milliseconds=step_ms * (first + i) + 500),
+            }
+        )
+        for i, e in enumerate(completions(count, f"replay{first}"))
+    ]
+
+
+async def book_month(pool: asyncpg.Pool, settings: Settings, n: int, batch: int) -> float:
+    """Book October's events as the ledger's consumers do; return the seconds it took."""
+    streams = Streams(settings.stream_prefix)
+    slo = books.SloPolicy.from_settings(settings)
+    started = time.perf_counter()
+    making_s = 0.0  # Making the events is the bench's work, not the ledger's.
+    async with pool.acquire() as conn:
+        for i in range(0, CUSTOMERS, 10):
+            top_up = PrepaidCreditAdded(
+                producer="bench", customer_id=f"cus_bench_replay_{i}", request_id="",
+                region="eu-west", amount=Decimal("0.5"), currency="USD", reference="bench",
+                occurred_at=OCTOBER.start_at,
+            )  # fmt: skip
+            async with conn.transaction():
+                await books.apply_event(conn, books.Logged(top_up, streams.billing))
+        for first in range(0, n, batch):
+            made = time.perf_counter()
+            chunk = october_chunk(n, first, min(batch, n - first))
+            making_s += time.perf_counter() - made
+            logged = [books.Logged(e, streams.completions, e.canonical_json()) for e in chunk]
+            async with conn.transaction():
+                await books.apply_completions(conn, logged, streams.booked, slo)
+            for done in chunk[::DEFECTIVE_EVERY]:
+                verdict = QualityVerdict(
+                    **done.envelope_for("inspector"),
+                    completion_event_id=done.event_id,
+                    verdict="defective",
+                    signals=(QualitySignal(name="empty", severity="defect"),),
+                )
+                async with conn.transaction():
+                    await books.apply_event(conn, books.Logged(verdict, streams.quality))
+    booked_s = time.perf_counter() - started - making_s
+    async with pool.acquire() as conn:
+        await invoices.issue_period(
+            conn, OCTOBER, now=datetime.now(UTC), grace_s=0, batch_size=1000
+        )
+    return booked_s
+
+
+async def run(n: int, batch: int) -> dict[str, object]:
+    database = f"tm_bench_replay_{os.getpid()}"
+    admin = await asyncpg.connect(ADMIN_URL)
+    await admin.execute(f'CREATE DATABASE "{database}"')
+    url = urlunsplit(urlsplit(ADMIN_URL)._replace(path=f"/{database}"))
+    settings = Settings.from_env({}, database_url=url, stream_prefix="tmbench.replay")
+    try:
+        await migrate(url)
+        pool = await create_pool(settings)
+        try:
+            booked_s = await book_month(pool, settings, n, batch)
+            logged = await pool.fetchval("SELECT count(*) FROM ledger.events")
+            await pool.execute("VACUUM ANALYZE")
+        finally:
+            await pool.close()
+        report = await replay.replay(settings, replay.Window(OCTOBER.start_at, OCTOBER.end_at))
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        await admin.close()
+    assert report.ok, report.text()
+    replayed = sum(report.events.values())
+    assert replayed == logged, (replayed, logged)
+    return {
+        "requests": n,
+        "events_in_log": logged,
+        "live_booking_s": round(booked_s, 1),
+        "live_booked_events_per_s": round(logged / booked_s),
+        "fold_s": round(report.fold_s, 1),
+        "replayed_events_per_s": round(replayed / report.fold_s),
+        "replay_and_diff_s": round(report.elapsed_s, 1),
+        "fold_vs_live_booking": round(booked_s / report.fold_s, 2),
+        "invoices_reissued": report.counts["invoice"]["rebuilt"],
+        "books_equal": report.ok,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=1_000_000, help="requests in the month")
+    parser.add_argument("--batch", type=int, default=1000, help="completions per live batch")
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(run(args.n, args.batch)), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -191,6 +191,27 @@ class UsageBooked(Event):
     completion_event_id: str | None = None
 
 
+class EnergyInterval(Event):
+    """A worker's energy account over one interval, per device: what its meter counted
+    (metered_j) is what engine steps used (attributed_j, split across their requests) plus
+    what it used between steps (idle_j). Of the attributed, unbilled_j reached no completion
+    (cancelled, given back). The ledger books idle_j + unbilled_j as factory overhead."""
+
+    type: Literal["energy.interval"] = "energy.interval"
+    worker: str
+    meter: str
+    device: str
+    estimated: bool
+    interval_start: datetime
+    interval_end: datetime
+    metered_j: Decimal = Field(ge=0)
+    attributed_j: Decimal = Field(ge=0)
+    idle_j: Decimal = Field(ge=0)
+    unbilled_j: Decimal = Field(ge=0)
+    tokens: int = Field(ge=0)
+    steps: int = Field(ge=0)
+
+
 AnyEvent = Annotated[
     JobSubmitted
     | JobStarted
@@ -199,7 +220,8 @@ AnyEvent = Annotated[
     | QualityVerdict
     | PowerSample
     | PrepaidCreditAdded
-    | UsageBooked,
+    | UsageBooked
+    | EnergyInterval,
     Field(discriminator="type"),
 ]
 _any_event = TypeAdapter(AnyEvent)

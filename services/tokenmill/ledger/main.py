@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from tokenmill import service
 from tokenmill.batches import Entry, consume_batches
-from tokenmill.events import Event, JobCompleted, PowerSample, PrepaidCreditAdded, QualityVerdict
+from tokenmill.events import (
+    EnergyInterval,
+    Event,
+    JobCompleted,
+    PowerSample,
+    PrepaidCreditAdded,
+    QualityVerdict,
+)
 from tokenmill.ledger import audit, books
 from tokenmill.streams import Delivery, consume
 
@@ -28,6 +35,8 @@ async def wire(rt: service.Runtime):
                 await books.record_power(conn, event)
             elif isinstance(event, PrepaidCreditAdded):
                 await books.record_prepaid(conn, event)
+            elif isinstance(event, EnergyInterval):
+                await books.record_energy(conn, event)
 
     async def on_completions(batch: list[Entry]) -> None:
         logged = [books.Logged(e.event, e.delivery.stream, e.body.decode()) for e in batch]

@@ -94,6 +94,8 @@ class EnergyReading(BaseModel):
     energy_j: Decimal
     meter: str
     estimated: bool
+    # energy_j over the request's prompt and completion tokens (None from older workers).
+    joules_per_token: Decimal | None = None
 
 
 class JobCompleted(Event):

@@ -14,6 +14,7 @@ from tests.unit.test_engine import engine, tiny
 from tests.unit.test_serving import job
 from tokenmill.events import JobCompleted, parse_event
 from tokenmill.meters import ScriptedMeter
+from tokenmill.money import joules_per_token
 from tokenmill.worker.energy import EnergyAccount
 from tokenmill.worker.serving import EngineService
 
@@ -41,6 +42,10 @@ async def test_attributed_and_idle_joules_add_up_to_the_metered_under_batching(s
     interval = serving.energy.close_interval()
     metered_j = serving.meter.energy_j() - metered_from_j
     assert all(isinstance(o, JobCompleted) for o in outcomes)
+    for o in outcomes:  # Each completion carries its joules per token and how they were metered.
+        tokens = o.prompt_tokens + o.completion_tokens
+        assert o.energy.joules_per_token == joules_per_token(o.energy.energy_j, tokens) > 0
+        assert (o.energy.meter, o.energy.estimated) == ("scripted", True)
     t = interval.totals
     completions_j = sum(o.energy.energy_j for o in outcomes)
     assert t.idle_j > 0 and t.steps > 0 and t.unbilled_j == 0

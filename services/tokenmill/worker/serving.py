@@ -26,7 +26,7 @@ from decimal import Decimal
 
 from tokenmill.events import EnergyReading, JobCompleted, JobFailed, JobSubmitted, utc_now
 from tokenmill.meters import Meter
-from tokenmill.money import to_decimal
+from tokenmill.money import joules_per_token, to_decimal
 from tokenmill.worker.energy import EnergyAccount
 from tokenmill.worker.engine import BatchEngine, Request, StepOutput
 from tokenmill.worker.model import SamplingParams
@@ -265,7 +265,12 @@ class EngineService:
             e2e_ms=elapsed_ms(job.occurred_at, finished_at),
             compute_s=to_decimal(round(entry.compute_s, 6)),
             energy=EnergyReading(
-                energy_j=entry.energy_j, meter=self.meter.name, estimated=self.meter.estimated
+                energy_j=entry.energy_j,
+                meter=self.meter.name,
+                estimated=self.meter.estimated,
+                joules_per_token=joules_per_token(
+                    entry.energy_j, len(request.prompt_ids) + completion_tokens
+                ),
             ),
             tpot_ms=tpot_ms,
             preemptions=request.preemptions,

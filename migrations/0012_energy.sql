@@ -75,3 +75,6 @@ CREATE TABLE ledger.energy_intervals (
 CREATE INDEX energy_intervals_by_start ON ledger.energy_intervals (interval_start);
 CREATE TRIGGER energy_intervals_append_only BEFORE UPDATE OR DELETE ON ledger.energy_intervals
     FOR EACH ROW EXECUTE FUNCTION ledger.refuse_change();
+
+-- The peak power between two of a telemetry window's readings (NULL from older telemetry).
+ALTER TABLE ledger.power_samples ADD COLUMN power_w_max numeric;

@@ -163,6 +163,8 @@ class PowerSample(Event):
     window_end: datetime
     energy_j: Decimal
     power_w: Decimal
+    # The highest power between two of the window's readings (None from older telemetry).
+    power_w_max: Decimal | None = None
 
 
 class PrepaidCreditAdded(Event):

@@ -47,6 +47,12 @@ def process_cpu_s() -> float:
     return times.user + times.system + times.children_user + times.children_system
 
 
+def host_cpu_s() -> float:
+    """CPU seconds every program on the host has used: what the host draws, not what we do."""
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
 class ModelledCpuMeter:
     """Estimates the CPU energy of this process: idle power plus (TDP - idle) x utilisation,
     integrated over time, labelled estimated so the books never present a model as a
@@ -54,7 +60,9 @@ class ModelledCpuMeter:
 
     Utilisation is this process's CPU time over the window divided by the wall time the host's
     cores offered (`cpu_s`, by default `process_cpu_s`), not the host's load: another program
-    busy on the same host adds nothing to our requests. The idle power is the host's floor,
+    busy on the same host adds nothing to our requests. The telemetry service, which reports
+    what the host draws (for the power cap), passes `host_cpu_s` instead and is named
+    modelled-cpu-host. The idle power is the host's floor,
     which the factory pays for whether it serves or not, so it is counted (and, between
     engine steps, booked as idle energy). Used where no hardware counter can be read (RAPL is
     root-only or absent on most VMs)."""
@@ -72,6 +80,8 @@ class ModelledCpuMeter:
         cpus: int | None = None,
     ):
         assert 0 <= idle_w <= tdp_w, (idle_w, tdp_w)
+        if cpu_s is host_cpu_s:
+            self.name = "modelled-cpu-host"
         self._tdp_w = tdp_w
         self._idle_w = idle_w
         self._cpu_s = cpu_s
@@ -249,10 +259,13 @@ class ScriptedMeter:
             return self._reported_j
 
 
-def create_meter(settings: Settings, device: str) -> Meter:
+def create_meter(settings: Settings, device: str, scope: str = "process") -> Meter:
     """The meter named by settings. "auto" picks NVML on a CUDA device; on a CPU device RAPL
     where its counters are readable, else the CPU model; on an unknown device ("auto") NVML
-    where a GPU answers, else as on a CPU. "scripted:W" is a constant W watts."""
+    where a GPU answers, else as on a CPU. "scripted:W" is a constant W watts. `scope` says
+    what the CPU model charges: this process ("process", the worker's attribution) or the
+    whole host ("host", telemetry); the hardware counters measure their device either way."""
+    assert scope in ("process", "host"), scope
     choice = settings.meter
     if choice == "auto" and device == "auto":
         try:
@@ -270,7 +283,8 @@ def create_meter(settings: Settings, device: str) -> Meter:
     if choice == "rapl":
         return RaplMeter(settings.rapl_root)
     if choice == "modelled-cpu":
-        return ModelledCpuMeter(settings.cpu_tdp_w, settings.cpu_idle_w)
+        cpu_s = process_cpu_s if scope == "process" else host_cpu_s
+        return ModelledCpuMeter(settings.cpu_tdp_w, settings.cpu_idle_w, cpu_s=cpu_s)
     if choice.startswith("scripted:"):
         return ScriptedMeter([(0.0, float(choice.split(":", 1)[1]))])
     raise ValueError(

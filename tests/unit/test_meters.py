@@ -190,6 +190,8 @@ def test_modelled_meter_refuses_idle_above_tdp():
 def test_create_meter_picks_by_settings_and_device(tmp_path):
     no_rapl = {"rapl_root": str(tmp_path / "none")}
     assert create_meter(Settings.from_env({}, **no_rapl), "cpu").name == "modelled-cpu"
+    host = create_meter(Settings.from_env({}, **no_rapl), "cpu", scope="host")
+    assert host.name == "modelled-cpu-host" and host.estimated
     assert create_meter(Settings.from_env({}, meter="scripted:2"), "cpu").name == "scripted"
     rapl_tree(tmp_path / "rapl", {0: (0, 10**9)})
     with_rapl = Settings.from_env({}, rapl_root=str(tmp_path / "rapl"))

@@ -664,8 +664,8 @@ async def record_prepaid(conn: asyncpg.Connection, event: PrepaidCreditAdded) ->
 async def record_power(conn: asyncpg.Connection, event: PowerSample) -> None:
     await conn.execute(
         "INSERT INTO ledger.power_samples (event_id, meter, device, estimated, window_start, "
-        "window_end, energy_j, power_w) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
-        "ON CONFLICT (event_id) DO NOTHING",
+        "window_end, energy_j, power_w, power_w_max) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, "
+        "$9) ON CONFLICT (event_id) DO NOTHING",
         event.event_id,
         event.meter,
         event.device,
@@ -674,6 +674,7 @@ async def record_power(conn: asyncpg.Connection, event: PowerSample) -> None:
         event.window_end,
         event.energy_j,
         event.power_w,
+        event.power_w_max,
     )
 
 

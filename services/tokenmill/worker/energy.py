@@ -25,6 +25,7 @@ model, and that a customer can check against their token counts.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
@@ -41,6 +42,7 @@ class Totals:
     unbilled_j: Decimal = Decimal(0)
     tokens: int = 0
     steps: int = 0
+    busy_s: float = 0.0  # Wall time in engine steps.
 
     def __add__(self, other: Totals) -> Totals:
         return Totals(
@@ -50,6 +52,7 @@ class Totals:
             self.unbilled_j + other.unbilled_j,
             self.tokens + other.tokens,
             self.steps + other.steps,
+            self.busy_s + other.busy_s,
         )
 
 
@@ -60,6 +63,10 @@ class Interval:
     start: datetime
     end: datetime
     totals: Totals
+
+    @property
+    def seconds(self) -> float:
+        return max(0.0, (self.end - self.start).total_seconds())
 
     def merged(self, later: Interval) -> Interval:
         """This interval and the one right after it, as one (a publish failed meanwhile)."""
@@ -97,6 +104,7 @@ class EnergyAccount:
         self._start = self._last_at = utc_now()
         self._open = Totals()
         self._in_step = False
+        self._step_started_s = 0.0
         self.lifetime = Totals()  # Since the worker started: Prometheus counters read it.
 
     def _read(self) -> Decimal:
@@ -116,12 +124,14 @@ class EnergyAccount:
             idle_j = self._read()
             self._count(Totals(metered_j=idle_j, idle_j=idle_j))
             self._in_step = True
+            self._step_started_s = time.perf_counter()
 
     def step_finished(self, tokens: int) -> Decimal:
         """The step's joules, for the caller to split across its requests."""
         with self._lock:
             step_j = self._read()
-            self._count(Totals(metered_j=step_j, attributed_j=step_j, tokens=tokens, steps=1))
+            busy_s = time.perf_counter() - self._step_started_s
+            self._count(Totals(step_j, step_j, tokens=tokens, steps=1, busy_s=busy_s))
             self._in_step = False
             return step_j
 
@@ -155,3 +165,28 @@ class EnergyAccount:
     def totals(self) -> Totals:
         with self._lock:
             return replace(self.lifetime)
+
+
+def gauges(meter: Meter, worker: str, region: str, last: Interval, lifetime: Totals) -> dict:
+    """What the intake's /metrics shows of this worker's energy (JSON): counters since the
+    worker started, and the last interval's power, tokens per joule and utilisation (the
+    share of its wall time the engine spent in steps)."""
+    seconds = last.seconds
+    t = last.totals
+    return {
+        "worker": worker,
+        "region": region,
+        "device": meter.device,
+        "meter": meter.name,
+        "estimated": meter.estimated,
+        "joules_total": {
+            "metered": str(lifetime.metered_j),
+            "attributed": str(lifetime.attributed_j),
+            "idle": str(lifetime.idle_j),
+            "unbilled": str(lifetime.unbilled_j),
+        },
+        "tokens_total": lifetime.tokens,
+        "watts": float(t.metered_j) / seconds if seconds > 0 else 0.0,
+        "tokens_per_joule": t.tokens / float(t.metered_j) if t.metered_j > 0 else 0.0,
+        "utilisation": min(1.0, t.busy_s / seconds) if seconds > 0 else 0.0,
+    }

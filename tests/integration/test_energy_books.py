@@ -5,6 +5,7 @@ and carbon; a redelivered interval books nothing twice."""
 
 from __future__ import annotations
 
+import argparse
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -12,7 +13,8 @@ import asyncpg
 import pytest
 
 from tokenmill.events import EnergyInterval, EnergyReading, JobCompleted, new_id
-from tokenmill.ledger import books
+from tokenmill.ledger import books, tariffs
+from tokenmill.ledger.prices import PriceError
 from tokenmill.ledger.reports import energy_report
 from tokenmill.money import JOULES_PER_KWH, quantize_amount
 
@@ -151,3 +153,53 @@ async def test_an_interval_whose_joules_do_not_add_up_is_refused(pool, tariff):
     async with pool.acquire() as conn, conn.transaction():
         with pytest.raises(ValueError, match="metered_j 12 is not attributed_j 10"):
             await books.record_energy(conn, bad)
+
+
+def tariff_args(**overrides: str | None) -> argparse.Namespace:
+    fields = {
+        "device_class": "cuda", "version": "test-set", "effective": "2032-01-01T00:00:00Z",
+        "energy_price": "0.10", "pue": "1.25", "compute_price": "2.00", "carbon": "300",
+        "hours": "17-21:0.25,0-6:0.06", "currency": "USD",
+    }  # fmt: skip
+    return argparse.Namespace(**{**fields, **overrides})
+
+
+async def test_an_operator_sets_a_tariff_with_hours_and_the_books_use_it(pool):
+    tariff = tariffs.tariff_from_args(tariff_args())
+    async with pool.acquire() as conn:
+        await tariffs.add_tariff(conn, tariff)
+        with pytest.raises(PriceError, match="already has a tariff"):
+            await tariffs.add_tariff(conn, tariff)
+        listed = {(t.device_class, t.effective_from): t for t in await tariffs.list_tariffs(conn)}
+        book = await books.CostRateBook.read(conn)
+    assert listed[("cuda", tariff.effective_from)] == tariff
+    evening = tariff.effective_from.replace(hour=18)
+    assert book.at("cuda:0", evening).energy_price_per_kwh == Decimal("0.25")
+    assert book.at("cuda:0", evening.replace(hour=12)).energy_price_per_kwh == Decimal("0.10")
+    assert book.at("cuda:0", evening).carbon_g_per_kwh == 300
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"hours": "17-21:0.25,20-22:0.30"}, "17-21 and 20-22 overlap"),
+        ({"hours": "21-17:0.25"}, "is not FROM-TO:PRICE"),
+        ({"pue": "0.9"}, "--pue: '0.9' is below 1"),
+        ({"energy_price": "-1"}, "--energy-price: '-1' is negative"),
+        ({"carbon": "lots"}, "--carbon: 'lots' is not a decimal number"),
+        ({"effective": "2032-01-01"}, "needs a time zone"),
+    ],
+)
+def test_a_bad_tariff_is_refused_naming_the_flag(overrides, message):
+    with pytest.raises(PriceError, match=message):
+        tariffs.tariff_from_args(tariff_args(**overrides))
+
+
+async def test_a_tariff_in_the_past_is_refused_and_nothing_is_written(pool):
+    past = tariffs.tariff_from_args(tariff_args(effective="2020-01-01T00:00:00Z"))
+    async with pool.acquire() as conn:
+        with pytest.raises(PriceError, match="in the past"):
+            await tariffs.add_tariff(conn, past)
+        assert not await conn.fetchval(
+            "SELECT count(*) FROM ledger.cost_rates WHERE effective_from = $1", past.effective_from
+        )

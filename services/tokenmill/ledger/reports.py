@@ -309,11 +309,16 @@ def energy_report_text(rep: EnergyReport) -> str:
             f"{d.worker:<20}{d.device:<10}{meter:<14}{d.metered_j:>14.3f}{d.idle_j:>14.3f}"
             f"{d.unbilled_j:>14.3f}"
         )
-    out.append(f"{'model':<20}{'tier':<10}{'requests':>10}{'tokens':>12}{'J':>14}{'J/token':>12}")
+    out.append(
+        f"{'model':<20}{'tier':<10}{'requests':>10}{'tokens':>12}{'J':>14}{'J/token':>12}"
+        f"{'energy cost':>14}{'g CO2e':>12}"
+    )
     for r in rep.rows:
         jpt = "-" if r.joules_per_token is None else f"{r.joules_per_token:.6f}"
+        carbon = "-" if r.carbon_g is None else f"{r.carbon_g:.6f}"
         out.append(
             f"{r.model:<20}{r.tier:<10}{r.requests:>10}{r.tokens:>12}{r.energy_j:>14.3f}{jpt:>12}"
+            f"{_q(r.energy_cost):>14}{carbon:>12}"
         )
     if any(d.estimated for d in rep.devices):
         out.append("* estimated: a modelled meter, not a measurement")

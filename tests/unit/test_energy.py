@@ -16,7 +16,7 @@ from tokenmill.events import JobCompleted, parse_event
 from tokenmill.meters import ScriptedMeter
 from tokenmill.money import joules_per_token
 from tokenmill.worker.energy import EnergyAccount
-from tokenmill.worker.serving import EngineService
+from tokenmill.worker.serving import EngineFailed, EngineService
 
 # A recorded-looking trace: a 40 W floor with bursts to 180 W, repeating every 0.3 s.
 TRACE = [(i * 0.1, w) for i, w in enumerate(itertools.islice(itertools.cycle([40, 180, 95]), 600))]
@@ -93,3 +93,29 @@ def test_an_interval_closed_while_idle_is_all_idle_and_its_event_round_trips():
     event = merged.event(account.meter, "w1", "eu-west")
     assert parse_event(event.canonical_json()) == event
     assert event.device == "cuda:0" and event.meter == "scripted" and event.idle_j == 20
+
+
+async def test_a_failed_step_and_its_given_back_jobs_energy_is_counted_unbilled(
+    serving, monkeypatch
+):
+    monkeypatch.setattr(serving.engine.runner, "eos_token_ids", frozenset())
+    serving.energy.close_interval()
+    running = asyncio.ensure_future(serving.run(job("doomed", "go", max_tokens=200)))
+
+    async def ran_a_while() -> bool:
+        return serving.energy.totals().steps > 3
+
+    await eventually(ran_a_while)
+    step = serving.engine.step
+
+    def broken():
+        raise RuntimeError("a bug in a step")
+
+    monkeypatch.setattr(serving.engine, "step", broken)
+    with pytest.raises(EngineFailed):
+        await running
+    monkeypatch.setattr(serving.engine, "step", step)
+    t = serving.energy.close_interval().totals
+    assert t.metered_j == t.attributed_j + t.idle_j
+    # Everything the steps used went to the job given back, and none of it was billed.
+    assert t.unbilled_j == t.attributed_j > 0

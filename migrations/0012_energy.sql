@@ -60,7 +60,9 @@ CREATE TABLE ledger.energy_intervals (
     metered_j            numeric NOT NULL CHECK (metered_j >= 0),
     attributed_j         numeric NOT NULL CHECK (attributed_j >= 0),
     idle_j               numeric NOT NULL CHECK (idle_j >= 0),
-    unbilled_j           numeric NOT NULL CHECK (unbilled_j >= 0 AND unbilled_j <= attributed_j),
+    -- Not bounded by attributed_j: a request cancelled now may have had its joules attributed
+    -- in earlier intervals.
+    unbilled_j           numeric NOT NULL CHECK (unbilled_j >= 0),
     tokens               bigint NOT NULL CHECK (tokens >= 0),
     steps                bigint NOT NULL CHECK (steps >= 0),
     rates_version        text NOT NULL,

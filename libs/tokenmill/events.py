@@ -198,8 +198,9 @@ class UsageBooked(Event):
 class EnergyInterval(Event):
     """A worker's energy account over one interval, per device: what its meter counted
     (metered_j) is what engine steps used (attributed_j, split across their requests) plus
-    what it used between steps (idle_j). Of the attributed, unbilled_j reached no completion
-    (cancelled, given back). The ledger books idle_j + unbilled_j as factory overhead."""
+    what it used between steps (idle_j). unbilled_j is attributed joules, of this interval or
+    an earlier one, that will reach no completion (a request cancelled or given back in this
+    interval). The ledger books idle_j + unbilled_j as factory overhead."""
 
     type: Literal["energy.interval"] = "energy.interval"
     worker: str

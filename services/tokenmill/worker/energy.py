@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
@@ -164,7 +164,7 @@ class EnergyAccount:
 
     def totals(self) -> Totals:
         with self._lock:
-            return replace(self.lifetime)
+            return self.lifetime
 
 
 def gauges(meter: Meter, worker: str, region: str, last: Interval, lifetime: Totals) -> dict:

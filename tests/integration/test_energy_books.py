@@ -203,3 +203,15 @@ async def test_a_tariff_in_the_past_is_refused_and_nothing_is_written(pool):
         assert not await conn.fetchval(
             "SELECT count(*) FROM ledger.cost_rates WHERE effective_from = $1", past.effective_from
         )
+
+
+async def test_an_interval_that_only_cancels_earlier_work_is_booked_whole(pool, tariff):
+    # Nothing ran in it, but a request attributed joules earlier was cancelled in it.
+    event = interval(datetime(2031, 3, 4, tzinfo=UTC), new_id()[-8:].lower(), "0", "5", "3")
+    await deliver(pool, event)
+    async with pool.acquire() as conn:
+        cost = await conn.fetchval(
+            "SELECT overhead_cost FROM ledger.energy_intervals WHERE event_id = $1",
+            event.event_id,
+        )
+    assert cost == quantize_amount(Decimal(8) / JOULES_PER_KWH * PUE * FLAT)

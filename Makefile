@@ -92,3 +92,9 @@ chaos: install
 .PHONY: bench-invoices
 bench-invoices: install
 	$(BIN)/python -m bench.invoices
+
+# Attribution overhead per engine step and J/token of the default model at concurrency 1 and 32
+# (modelled CPU meter); see bench/energy.py.
+.PHONY: bench-energy
+bench-energy: install
+	$(BIN)/python -m bench.energy

@@ -94,6 +94,8 @@ class EnergyReading(BaseModel):
     energy_j: Decimal
     meter: str
     estimated: bool
+    # energy_j over the request's prompt and completion tokens (None from older workers).
+    joules_per_token: Decimal | None = None
 
 
 class JobCompleted(Event):
@@ -161,6 +163,8 @@ class PowerSample(Event):
     window_end: datetime
     energy_j: Decimal
     power_w: Decimal
+    # The highest power between two of the window's readings (None from older telemetry).
+    power_w_max: Decimal | None = None
 
 
 class PrepaidCreditAdded(Event):
@@ -191,6 +195,28 @@ class UsageBooked(Event):
     completion_event_id: str | None = None
 
 
+class EnergyInterval(Event):
+    """A worker's energy account over one interval, per device: what its meter counted
+    (metered_j) is what engine steps used (attributed_j, split across their requests) plus
+    what it used between steps (idle_j). unbilled_j is attributed joules, of this interval or
+    an earlier one, that will reach no completion (a request cancelled or given back in this
+    interval). The ledger books idle_j + unbilled_j as factory overhead."""
+
+    type: Literal["energy.interval"] = "energy.interval"
+    worker: str
+    meter: str
+    device: str
+    estimated: bool
+    interval_start: datetime
+    interval_end: datetime
+    metered_j: Decimal = Field(ge=0)
+    attributed_j: Decimal = Field(ge=0)
+    idle_j: Decimal = Field(ge=0)
+    unbilled_j: Decimal = Field(ge=0)
+    tokens: int = Field(ge=0)
+    steps: int = Field(ge=0)
+
+
 AnyEvent = Annotated[
     JobSubmitted
     | JobStarted
@@ -199,7 +225,8 @@ AnyEvent = Annotated[
     | QualityVerdict
     | PowerSample
     | PrepaidCreditAdded
-    | UsageBooked,
+    | UsageBooked
+    | EnergyInterval,
     Field(discriminator="type"),
 ]
 _any_event = TypeAdapter(AnyEvent)

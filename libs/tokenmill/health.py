@@ -47,6 +47,11 @@ def worker_key(prefix: str, consumer: str) -> str:
     return f"{workers_key(prefix)}.{consumer}"
 
 
+def energy_key(prefix: str, consumer: str) -> str:
+    """A worker's energy gauges (JSON, worker/energy.py `gauges`), for the intake's /metrics."""
+    return f"{prefix}.energy.{consumer}"
+
+
 async def beat(redis: RedisClient, settings: Settings, model: str, device: str) -> None:
     """Say, for `worker_heartbeat_ttl_s`, that this worker runs `model` on `device`."""
     details = {

@@ -26,3 +26,11 @@ _AMOUNT_CONTEXT = Context(prec=40, rounding=ROUND_HALF_EVEN)
 
 def quantize_amount(value: Decimal) -> Decimal:
     return value.quantize(AMOUNT_PLACES, context=_AMOUNT_CONTEXT)
+
+
+JOULES_PER_TOKEN_PLACES = Decimal("0.000000001")
+
+
+def joules_per_token(energy_j: Decimal, tokens: int) -> Decimal | None:
+    """A request's joules per token (to the nanojoule); None for no tokens."""
+    return (energy_j / tokens).quantize(JOULES_PER_TOKEN_PLACES) if tokens else None

@@ -60,7 +60,13 @@ class Settings:
     meter: str = "auto"
     cpu_tdp_w: float = 65.0
     cpu_idle_w: float = 10.0
-    power_sample_interval_s: float = 5.0
+    rapl_root: str = "/sys/class/powercap"
+    # Telemetry reads its meter this often and publishes one PowerSample per device per
+    # interval (the window's energy, mean and peak power): 1 s aggregates in the event log.
+    power_read_hz: float = 10.0
+    power_sample_interval_s: float = 1.0
+    # A worker publishes its energy account (metered, attributed, idle J) once per interval.
+    energy_interval_s: float = 10.0
 
     db_pool_min: int = 1
     db_pool_max: int = 10

@@ -25,7 +25,7 @@ from tokenmill.db import migrate
 from tokenmill.embedded import EmbeddedInfra, die_with_parent
 from tokenmill.intake import admin, customer_commands
 from tokenmill.intake.admin_api import ADMIN_PREFIX, ADMIN_TOKEN_FILE, with_admin_token
-from tokenmill.ledger import audit, prices, replay
+from tokenmill.ledger import audit, prices, replay, tariffs
 from tokenmill.ledger import commands as books
 from tokenmill.ledger.chain import AuditKeyError, with_audit_key
 from tokenmill.settings import ENV_PREFIX, Settings
@@ -403,6 +403,15 @@ def cmd_accounts(settings: Settings, args: argparse.Namespace) -> None:
     )
 
 
+def cmd_tariffs(settings: Settings, args: argparse.Namespace) -> None:
+    operate(
+        settings,
+        f"tariffs {args.tariffs_command}",
+        lambda s: (asyncio.run(tariffs.command(s, args)), True),
+        (prices.PriceError,),
+    )
+
+
 def cmd_prices(settings: Settings, args: argparse.Namespace) -> None:
     operate(
         settings,
@@ -495,6 +504,7 @@ def parser() -> argparse.ArgumentParser:
     customer_commands.add_commands(commands)
     deadletters.add_commands(commands)
     prices.add_commands(commands)
+    tariffs.add_commands(commands)
     audit.add_commands(commands)
     retention.add_commands(commands)
     books.add_commands(commands)
@@ -512,6 +522,7 @@ def main(argv: list[str] | None = None) -> None:
         "dlq": cmd_dlq,
         **{name: cmd_accounts for name in customer_commands.COMMANDS},
         "prices": cmd_prices,
+        "tariffs": cmd_tariffs,
         "audit": cmd_audit,
         "streams": cmd_streams,
         "invoices": cmd_books,

@@ -17,6 +17,7 @@ from tests.integration.helpers import eventually
 from tokenmill.db import connect
 from tokenmill.intake import admission, customers
 from tokenmill.intake.keys import create_customer, issue_key
+from tokenmill.money import joules_per_token
 from tokenmill.settings import Settings
 from tokenmill.streams import Streams
 
@@ -32,6 +33,7 @@ def factory(settings: Settings, tmp_path_factory) -> Iterator[Factory]:
         claim_idle_ms=3000,
         meter="modelled-cpu",
         power_sample_interval_s=1.0,
+        energy_interval_s=1.0,
         device="cpu",
     )
     running = Factory(factory_settings, tmp_path_factory.mktemp("logs"))
@@ -91,6 +93,10 @@ async def test_job_goes_from_submit_to_booked(factory: Factory, api_key: str, po
     assert 0 <= timings["queue_ms"] <= timings["ttft_ms"] <= timings["total_ms"]
     assert job["energy"]["meter"] == "modelled-cpu" and job["energy"]["estimated"] is True
     assert Decimal(job["energy"]["joules"]) > 0
+    tokens = job["usage"]["total_tokens"]
+    assert Decimal(job["energy"]["joules_per_token"]) == joules_per_token(
+        Decimal(job["energy"]["joules"]), tokens
+    )
     assert Decimal(job["billing"]["revenue"]) > 0 and "cost" not in job["billing"]
 
     # The customer sees what it is charged; our cost is in the operator's books only.
@@ -122,10 +128,31 @@ async def test_telemetry_power_windows_reach_the_ledger(factory: Factory, pool: 
 
     await eventually(sampled)
     rows = await pool.fetch("SELECT * FROM ledger.power_samples ORDER BY window_start LIMIT 2")
-    assert all(r["meter"] == "modelled-cpu" and r["estimated"] for r in rows)
+    # Telemetry models the whole host; the worker's meter only its own process.
+    assert all(r["meter"] == "modelled-cpu-host" and r["estimated"] for r in rows)
     assert all(r["energy_j"] > 0 and r["window_end"] > r["window_start"] for r in rows)
     # Windows are contiguous: together they cover everything the meter counted.
     assert rows[0]["window_end"] == rows[1]["window_start"]
+
+
+async def test_worker_energy_intervals_are_booked_with_their_idle_energy_as_overhead(
+    factory: Factory, pool: asyncpg.Pool
+):
+    async def booked() -> bool:
+        return await pool.fetchval("SELECT count(*) FROM ledger.energy_intervals") >= 2
+
+    await eventually(booked)
+    rows = await pool.fetch("SELECT * FROM ledger.energy_intervals ORDER BY interval_start")
+    assert all(r["metered_j"] == r["attributed_j"] + r["idle_j"] for r in rows)
+    assert all(r["meter"] == "modelled-cpu" and r["device"] == "cpu" for r in rows)
+    assert sum(r["idle_j"] for r in rows) > 0
+    # One statement, one snapshot: the journal's overhead is the intervals' overhead cost.
+    overhead = await pool.fetchrow(
+        "SELECT (SELECT sum(overhead_cost) FROM ledger.energy_intervals) AS intervals, "
+        "(SELECT sum(amount) FROM ledger.posting_legs "
+        " WHERE account_id LIKE 'expense:factory_overhead:%') AS journal"
+    )
+    assert overhead["journal"] == overhead["intervals"] > 0
 
 
 async def test_openai_client_works_unchanged(factory: Factory, api_key: str):

@@ -107,7 +107,12 @@ async def test_completion_delivered_three_times_is_booked_once(
     assert view["status"] == "completed"
     assert view["output"]["text"] == "Hello there, friend."
     assert view["usage"] == {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
-    assert view["energy"] == {"joules": "3600", "meter": "scripted", "estimated": True}
+    assert view["energy"] == {
+        "joules": "3600",
+        "joules_per_token": "240",  # 3600 J over 15 tokens.
+        "meter": "scripted",
+        "estimated": True,
+    }
     # 10 x $0.50/M + 5 x $1.50/M; 3600 J = 0.001 kWh x 1.2 x $0.12 + 36 s = 0.01 h x $0.04.
     # The customer sees the charge; our cost (0.000544) stays in the ledger's books.
     assert view["billing"] == {"revenue": "0.0000125", "currency": "USD"}

@@ -5,6 +5,7 @@ cancelled job stopped."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from decimal import Decimal
 
 import pytest
@@ -44,7 +45,9 @@ def serving():
         return outputs
 
     eng.step = counted
-    service = EngineService(eng, ScriptedMeter(STEP_J), "worker-test")
+    # One watt on a clock that moves half a second per reading: each reading counts STEP_J.
+    meter = ScriptedMeter([(0.0, 1.0)], clock=itertools.count(0, float(STEP_J)).__next__)
+    service = EngineService(eng, meter, "worker-test")
     service.steps = steps
     yield service
     service.close()

@@ -62,7 +62,10 @@ class JobTimings(_Closed):
 
 
 class JobEnergy(_Closed):
+    """The request's share of its engine steps' metered energy, by the meter named."""
+
     joules: DecimalString | None
+    joules_per_token: DecimalString | None
     meter: str | None
     estimated: bool | None
 

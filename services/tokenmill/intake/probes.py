@@ -17,6 +17,7 @@ customer.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from typing import Any
 
@@ -116,11 +117,18 @@ async def metrics(runtime: Runtime, responses: Counter[tuple[str, str, int]]) ->
             "(SELECT count(*) FROM intake.requests WHERE status = 'running') AS running"
         ),
     )
-    families = _stream_families(stats) + [
-        _workers_family(workers),
-        _gauge("tokenmill_requests", "Requests not finished yet, by status.", ["status"], backlog),
-        _responses_family(responses),
-    ]
+    energy = await _energy_of(runtime, workers)
+    families = (
+        _stream_families(stats)
+        + _energy_families(energy)
+        + [
+            _workers_family(workers),
+            _gauge(
+                "tokenmill_requests", "Requests not finished yet, by status.", ["status"], backlog
+            ),
+            _responses_family(responses),
+        ]
+    )
     return generate_latest(_Snapshot(families))
 
 
@@ -149,6 +157,46 @@ def _stream_families(stats: health.StreamStats) -> list[Metric]:
         if group.lag is not None:
             lag.add_metric([group.stream, group.group], group.lag)
     return [lengths, dead, pending, lag]
+
+
+async def _energy_of(runtime: Runtime, workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The energy gauges each live worker last wrote (worker/energy.py `gauges`)."""
+    if not workers:
+        return []
+    prefix = runtime.settings.stream_prefix
+    found = await runtime.redis.mget([health.energy_key(prefix, w["consumer"]) for w in workers])
+    return [json.loads(raw) for raw in found if raw is not None]
+
+
+def _energy_families(energy: list[dict[str, Any]]) -> list[Metric]:
+    """Per worker and device: joules by kind and tokens (counters since the worker started);
+    the last interval's watts, tokens per joule and utilisation (gauges)."""
+    labels = ["worker", "device", "meter"]
+    joules = CounterMetricFamily(
+        "tokenmill_energy_joules",
+        "Joules the worker's meter counted, by kind: metered = attributed (engine steps, split "
+        "across their requests) + idle; unbilled is the attributed share no completion took.",
+        labels=[*labels, "kind"],
+    )
+    tokens = CounterMetricFamily(
+        "tokenmill_energy_tokens", "Tokens the worker's engine steps processed.", labels=labels
+    )
+    gauges = {
+        name: GaugeMetricFamily(f"tokenmill_{name}", text, labels=labels)
+        for name, text in (
+            ("watts", "The worker device's mean power over its last energy interval."),
+            ("tokens_per_joule", "Tokens processed per joule metered, last energy interval."),
+            ("utilisation", "Share of the last energy interval the engine spent in steps."),
+        )
+    }
+    for w in energy:
+        key = [w["worker"], w["device"], w["meter"]]
+        for kind, value in w["joules_total"].items():
+            joules.add_metric([*key, kind], float(value))
+        tokens.add_metric(key, w["tokens_total"])
+        for name, family in gauges.items():
+            family.add_metric(key, w[name])
+    return [joules, tokens, *gauges.values()]
 
 
 def _workers_family(workers: list[dict[str, Any]]) -> Metric:

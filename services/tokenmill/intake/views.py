@@ -7,6 +7,8 @@ from typing import Any
 
 import asyncpg
 
+from tokenmill.money import joules_per_token
+
 
 def money(value: Decimal | None) -> str | None:
     """Exact decimals travel as strings: a JSON number would become a float in most clients."""
@@ -58,6 +60,9 @@ def job(row: asyncpg.Record) -> dict[str, Any]:
         else None,
         "energy": {
             "joules": money(row["energy_j"]),
+            "joules_per_token": money(
+                joules_per_token(row["energy_j"], row["prompt_tokens"] + row["completion_tokens"])
+            ),
             "meter": row["meter"],
             "estimated": row["energy_estimated"],
         }

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import NamedTuple
@@ -23,6 +23,7 @@ from pydantic import TypeAdapter
 
 from tokenmill import tracing
 from tokenmill.events import (
+    EnergyInterval,
     Event,
     JobCompleted,
     PowerSample,
@@ -36,7 +37,14 @@ from tokenmill.events import (
 from tokenmill.ledger import journal
 from tokenmill.ledger.journal import Posting
 from tokenmill.ledger.plans import versions_in_force
-from tokenmill.ledger.pricing import CostRates, Usage, compute_cost, device_class
+from tokenmill.ledger.pricing import (
+    CostRates,
+    Usage,
+    carbon_g,
+    compute_cost,
+    device_class,
+    joules_cost,
+)
 from tokenmill.ledger.pricing import energy_cost as energy_cost_of
 from tokenmill.ledger.rating import (
     TOKEN_CLASSES,
@@ -137,20 +145,33 @@ async def lock_customers(conn: asyncpg.Connection, customer_ids: Iterable[str]) 
 
 
 class CostRateBook:
-    """Every version of the cost rates (a handful of rows), read once per batch."""
+    """Every version of the cost rates and their time-of-use hours (a handful of rows), read
+    once per batch."""
 
-    def __init__(self, rows: list[asyncpg.Record]) -> None:
+    def __init__(self, rows: list[asyncpg.Record], hours: list[asyncpg.Record] = ()) -> None:
         self._rows = sorted(rows, key=lambda r: r["effective_from"], reverse=True)
+        self._hours: dict[tuple[str, datetime], list[asyncpg.Record]] = defaultdict(list)
+        for h in hours:
+            self._hours[(h["device_class"], h["effective_from"])].append(h)
 
     @classmethod
     async def read(cls, conn: asyncpg.Connection) -> CostRateBook:
-        return cls(await conn.fetch("SELECT * FROM ledger.cost_rates"))
+        return cls(
+            await conn.fetch("SELECT * FROM ledger.cost_rates"),
+            await conn.fetch("SELECT * FROM ledger.tariff_hours"),
+        )
 
     def at(self, device: str, at: datetime) -> CostRates:
+        """The rates in force for `device` at `at`, with the energy price of its hour (UTC)."""
         wanted = device_class(device)
         for r in self._rows:
             if r["device_class"] == wanted and r["effective_from"] <= at:
-                return CostRates(**{f: r[f] for f in CostRates.__dataclass_fields__})
+                rates = CostRates(**{f: r[f] for f in CostRates.__dataclass_fields__})
+                hour = at.astimezone(UTC).hour
+                for h in self._hours.get((wanted, r["effective_from"]), ()):
+                    if h["hour_from"] <= hour < h["hour_to"]:
+                        return replace(rates, energy_price_per_kwh=h["energy_price_per_kwh"])
+                return rates
         raise LookupError(f"no cost rates for {device!r} at {at.isoformat()}")
 
 
@@ -211,7 +232,8 @@ class Booking:
             self.plan.currency, self.price_version, e.submitted_at, e.occurred_at,
             self.plan.plan_id, self.plan.version, c.charged.input, c.charged.cached_input,
             c.charged.output, c.amounts["input"], c.amounts["cached_input"], c.amounts["output"],
-            posting_id,
+            posting_id, self.rates.energy_price_per_kwh, self.rates.pue,
+            carbon_g(e.energy.energy_j, self.rates),
         )  # fmt: skip
 
     def booked_fields(self, event_id: str, occurred_at: datetime | str) -> dict[str, object]:
@@ -252,6 +274,7 @@ USAGE_COLUMNS = [
     "currency", "price_version", "submitted_at", "completed_at", "plan_id", "plan_version",
     "charged_input_tokens", "charged_cached_input_tokens", "charged_output_tokens",
     "revenue_input", "revenue_cached_input", "revenue_output", "posting_id",
+    "energy_price_per_kwh", "pue", "carbon_g",
 ]  # fmt: skip
 
 # A summary posting has at most two customer legs per request (prepaid, receivable) and a few
@@ -598,6 +621,8 @@ async def apply_event(conn: asyncpg.Connection, logged: Logged) -> bool:
         await record_power(conn, event)
     elif isinstance(event, PrepaidCreditAdded):
         await record_prepaid(conn, event)
+    elif isinstance(event, EnergyInterval):
+        await record_energy(conn, event)
     return True
 
 
@@ -668,8 +693,8 @@ async def record_prepaid(conn: asyncpg.Connection, event: PrepaidCreditAdded) ->
 async def record_power(conn: asyncpg.Connection, event: PowerSample) -> None:
     await conn.execute(
         "INSERT INTO ledger.power_samples (event_id, meter, device, estimated, window_start, "
-        "window_end, energy_j, power_w) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
-        "ON CONFLICT (event_id) DO NOTHING",
+        "window_end, energy_j, power_w, power_w_max) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, "
+        "$9) ON CONFLICT (event_id) DO NOTHING",
         event.event_id,
         event.meter,
         event.device,
@@ -678,4 +703,52 @@ async def record_power(conn: asyncpg.Connection, event: PowerSample) -> None:
         event.window_end,
         event.energy_j,
         event.power_w,
+        event.power_w_max,
     )
+
+
+# The factory-overhead accounts: energy no request pays for (idle, unbilled), and the facility's
+# PUE overhead on it. Requests carry the PUE of their own joules in their energy cost.
+OVERHEAD_ENERGY = "expense:factory_overhead:energy"
+OVERHEAD_PUE = "expense:factory_overhead:pue"
+
+
+async def record_energy(conn: asyncpg.Connection, event: EnergyInterval) -> None:
+    """Book a worker's energy interval: its idle and unbilled joules, at the rates in force when
+    it began, to the factory-overhead accounts, so that with the requests' energy cost the
+    books hold metered J x PUE x tariff. Once per event id."""
+    if event.metered_j != event.attributed_j + event.idle_j:
+        raise ValueError(
+            f"energy interval {event.event_id}: metered_j {event.metered_j} is not "
+            f"attributed_j {event.attributed_j} + idle_j {event.idle_j}"
+        )
+    rates = (await CostRateBook.read(conn)).at(event.device, event.interval_start)
+    overhead_j = event.idle_j + event.unbilled_j
+    at_tariff = replace(rates, pue=Decimal(1))
+    energy = joules_cost(overhead_j, at_tariff)
+    pue = joules_cost(overhead_j, rates) - energy
+    posting = Posting(
+        event_id=event.event_id,
+        kind="energy_overhead",
+        description=f"idle and unbilled energy of {event.worker} on {event.device}",
+        effective_at=event.interval_end,
+        legs=journal.legs(
+            rates.currency,
+            (OVERHEAD_ENERGY, energy),
+            (OVERHEAD_PUE, pue),
+            ("accrued:energy", -(energy + pue)),
+        ),
+    ) if energy + pue > 0 else None  # fmt: skip
+    posting_ids = await journal.write(conn, [posting] if posting else [])
+    await conn.execute(
+        "INSERT INTO ledger.energy_intervals (event_id, worker, region, meter, device, "
+        "estimated, interval_start, interval_end, metered_j, attributed_j, idle_j, unbilled_j, "
+        "tokens, steps, rates_version, energy_price_per_kwh, pue, overhead_cost, carbon_g, "
+        "currency, posting_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
+        "$14, $15, $16, $17, $18, $19, $20, $21) ON CONFLICT (event_id) DO NOTHING",
+        event.event_id, event.worker, event.region, event.meter, event.device, event.estimated,
+        event.interval_start, event.interval_end, event.metered_j, event.attributed_j,
+        event.idle_j, event.unbilled_j, event.tokens, event.steps, rates.version,
+        rates.energy_price_per_kwh, rates.pue, energy + pue, carbon_g(overhead_j, rates),
+        rates.currency, posting_ids[0] if posting_ids else None,
+    )  # fmt: skip

@@ -15,7 +15,13 @@ import asyncpg
 from tokenmill.ledger import billing, invoices
 from tokenmill.ledger import invoice_render as render
 from tokenmill.ledger.billing import Period
-from tokenmill.ledger.reports import GROUP_BY, report, report_text
+from tokenmill.ledger.reports import (
+    GROUP_BY,
+    energy_report,
+    energy_report_text,
+    report,
+    report_text,
+)
 from tokenmill.settings import Settings
 
 PROGRESS_BAR_CHARS = 30
@@ -45,6 +51,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     reports.add_argument("--from", dest="start", type=DAY, help="first day, YYYY-MM-DD")
     reports.add_argument("--to", dest="end", type=DAY, help="last day, included")
     reports.add_argument("--by", choices=GROUP_BY, default="tier", help="group by (tier)")
+    reports.add_argument(
+        "--energy",
+        action="store_true",
+        help="the energy report: metered, attributed and idle J; J/token per model and tier",
+    )
     for command in (issue, listing, show, notes, reports):
         json_flag = formats if command is show else command
         json_flag.add_argument("--json", action="store_true", help="machine-readable output")
@@ -202,6 +213,11 @@ async def _reports(conn: asyncpg.Connection, settings: Settings, args: argparse.
     start = args.start or today.replace(day=1)
     end = args.end or today
     try:
+        if args.energy:
+            energy = await energy_report(conn, start, end, settings.report_groups_max)
+            return (
+                json.dumps(energy.as_json(), indent=2) if args.json else energy_report_text(energy)
+            )
         rep = await report(conn, start, end, args.by, settings.report_groups_max)
     except ValueError as exc:
         raise CommandError(str(exc)) from exc

@@ -14,9 +14,10 @@ class CostRates:
 
     version: str
     currency: str
-    energy_price_per_kwh: Decimal
+    energy_price_per_kwh: Decimal  # The time-of-use price of the hour, where one is set.
     pue: Decimal
     compute_price_per_hour: Decimal
+    carbon_g_per_kwh: Decimal | None = None  # Grams CO2e per kWh at the wall, where known.
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,18 @@ class Usage:
 
 def energy_cost(usage: Usage, rates: CostRates) -> Decimal:
     """Energy at the wall: the device's joules times the facility's PUE, at the tariff."""
-    kwh = usage.energy_j / JOULES_PER_KWH
-    return quantize_amount(kwh * rates.pue * rates.energy_price_per_kwh)
+    return joules_cost(usage.energy_j, rates)
+
+
+def joules_cost(energy_j: Decimal, rates: CostRates) -> Decimal:
+    return quantize_amount(energy_j / JOULES_PER_KWH * rates.pue * rates.energy_price_per_kwh)
+
+
+def carbon_g(energy_j: Decimal, rates: CostRates) -> Decimal | None:
+    """Grams CO2e of `energy_j` device joules at the wall (times PUE); None where unknown."""
+    if rates.carbon_g_per_kwh is None:
+        return None
+    return quantize_amount(energy_j / JOULES_PER_KWH * rates.pue * rates.carbon_g_per_kwh)
 
 
 def compute_cost(usage: Usage, rates: CostRates) -> Decimal:

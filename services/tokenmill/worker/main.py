@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 
 import torch
@@ -15,6 +16,7 @@ from tokenmill.events import Event, JobStarted, JobSubmitted, parse_event, utc_n
 from tokenmill.meters import create_meter
 from tokenmill.settings import Settings
 from tokenmill.streams import Delivery, consume, publish_event
+from tokenmill.worker.energy import EnergyAccount, Interval, gauges
 from tokenmill.worker.engine import BatchEngine, EngineConfig
 from tokenmill.worker.model import ModelRunner
 from tokenmill.worker.serving import EngineService, elapsed_ms
@@ -71,6 +73,31 @@ async def _abandon(job: asyncio.Future) -> None:
     job.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await job
+
+
+async def publish_energy(rt: service.Runtime, account: EnergyAccount) -> None:
+    """Publish the energy account once per interval on the power stream (one event per
+    interval per worker, whatever the load). An interval whose publish failed is folded into
+    the next, so the published intervals always add up to what the meter counted."""
+    settings = rt.settings
+    pending: Interval | None = None
+    while True:
+        await asyncio.sleep(settings.energy_interval_s)
+        closed = account.close_interval()
+        pending = closed if pending is None else pending.merged(closed)
+        event = pending.event(account.meter, settings.consumer, settings.region)
+        shown = gauges(account.meter, settings.consumer, settings.region, closed, account.totals())
+        try:
+            await publish_event(rt.broker, rt.streams.power, event, rt.signing_keys)
+        except Exception as exc:  # Redis unavailable: widen the interval instead of losing it.
+            log.warning("energy interval not published (%s); folding it into the next", exc)
+            continue
+        pending = None
+        # Expires when the worker stops publishing; a failed write waits for the next interval.
+        ttl_ms = int(max(settings.worker_heartbeat_ttl_s, 3 * settings.energy_interval_s) * 1000)
+        with contextlib.suppress(RedisError):
+            key = health.energy_key(settings.stream_prefix, settings.consumer)
+            await rt.redis.set(key, json.dumps(shown), px=ttl_ms)
 
 
 def engine_config(settings: Settings) -> EngineConfig:
@@ -171,4 +198,8 @@ async def wire(rt: service.Runtime):
     )
     # Intake's /readyz counts the workers whose heartbeat is live: this one, while its model is
     # loaded and until it begins to stop.
-    return [note_stopping(), health.heartbeat(rt.redis, settings, runner.name, runner.device)]
+    return [
+        note_stopping(),
+        health.heartbeat(rt.redis, settings, runner.name, runner.device),
+        publish_energy(rt, serving.energy),
+    ]

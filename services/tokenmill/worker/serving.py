@@ -4,12 +4,13 @@ The event loop hands jobs in (`run`, awaited by each job's handler) and the engi
 the engine while it has work, resolving each job's future when its request finishes. Cancelling
 the awaiting task cancels the request within one step.
 
-Energy: the meter is read around every step, and a step's joules are split across the requests
-in that step in proportion to the tokens each had in it (a prompt chunk counts its tokens, a
-decode counts one). Energy used while no step runs is idle energy and is not billed to anyone.
-Device time (`compute_s`) is split the same way. The last request of a step takes the remainder,
-so a step's shares add up to exactly what was metered; the share of a request cancelled or given
-up meanwhile is billed to no one.
+Energy: the meter is read around every step (`worker/energy.py`, the energy account, which
+also says why prefill and decode tokens weigh the same), and a step's joules are split across
+the requests in that step in proportion to the tokens each had in it (a prompt chunk counts its
+tokens, a decode counts one). Energy used while no step runs is idle energy, billed to no
+request and booked as factory overhead. Device time (`compute_s`) is split the same way. The
+last request of a step takes the remainder, so a step's shares add up to exactly what was
+metered; the energy of a request cancelled or given up meanwhile is counted as unbilled.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from decimal import Decimal
 
 from tokenmill.events import EnergyReading, JobCompleted, JobFailed, JobSubmitted, utc_now
 from tokenmill.meters import Meter
-from tokenmill.money import to_decimal
+from tokenmill.money import joules_per_token, to_decimal
+from tokenmill.worker.energy import EnergyAccount
 from tokenmill.worker.engine import BatchEngine, Request, StepOutput
 from tokenmill.worker.model import SamplingParams
 
@@ -73,6 +75,7 @@ class EngineService:
     def __init__(self, engine: BatchEngine, meter: Meter, worker: str) -> None:
         self.engine = engine
         self.meter = meter
+        self.energy = EnergyAccount(meter)
         self.worker = worker
         config = engine.config
         self.capacity = config.running_max + config.waiting_max
@@ -157,7 +160,9 @@ class EngineService:
         with self._lock:
             for request_id in self._cancels:
                 self.engine.cancel(request_id)
-                self._jobs.pop(request_id, None)
+                cancelled = self._jobs.pop(request_id, None)
+                if cancelled is not None:
+                    self.energy.unbilled(cancelled.energy_j)
             self._cancels.clear()
             while self._inbox and self.engine.waiting_room > 0:
                 entry = self._inbox.popleft()
@@ -183,12 +188,11 @@ class EngineService:
             entry.resolve(self.failed(job, str(exc)))
 
     def _step(self) -> None:
-        energy_before_j = self.meter.energy_j()
+        self.energy.step_started()
         started_s = time.perf_counter()
         outputs = self.engine.step()
         duration_s = time.perf_counter() - started_s
-        energy_j = self.meter.energy_j() - energy_before_j
-        assert energy_j >= 0, "meters count up"
+        energy_j = self.energy.step_finished(sum(o.step_tokens for o in outputs))
         with self._lock:
             self._split(outputs, energy_j, duration_s)
             for output in outputs:
@@ -199,6 +203,8 @@ class EngineService:
 
     def _split(self, outputs: list[StepOutput], energy_j: Decimal, duration_s: float) -> None:
         tokens = sum(o.step_tokens for o in outputs)
+        if not outputs:
+            self.energy.unbilled(energy_j)
         given_j = Decimal(0)
         for index, output in enumerate(outputs):
             if index == len(outputs) - 1:
@@ -210,10 +216,13 @@ class EngineService:
             if entry is not None:
                 entry.energy_j += share_j
                 entry.compute_s += duration_s * output.step_tokens / tokens
+            else:
+                self.energy.unbilled(share_j)
 
     def _give_back_all(self, exc: Exception) -> None:
         with self._lock:
             self.engine.abort_all()
+            self.energy.step_failed(sum((e.energy_j for e in self._jobs.values()), Decimal(0)))
             for entry in self._jobs.values():
                 entry.loop.call_soon_threadsafe(_set_exception, entry.future, EngineFailed(exc))
             self._jobs.clear()
@@ -256,7 +265,12 @@ class EngineService:
             e2e_ms=elapsed_ms(job.occurred_at, finished_at),
             compute_s=to_decimal(round(entry.compute_s, 6)),
             energy=EnergyReading(
-                energy_j=entry.energy_j, meter=self.meter.name, estimated=self.meter.estimated
+                energy_j=entry.energy_j,
+                meter=self.meter.name,
+                estimated=self.meter.estimated,
+                joules_per_token=joules_per_token(
+                    entry.energy_j, len(request.prompt_ids) + completion_tokens
+                ),
             ),
             tpot_ms=tpot_ms,
             preemptions=request.preemptions,

@@ -189,6 +189,10 @@ class BatchEngine:
         assert all(limit >= 1 for limit in running_max.values()), running_max
         self._tier_running_max = dict(running_max)
 
+    @property
+    def tier_running_max(self) -> dict[str, int]:
+        return dict(self._tier_running_max)
+
     def _may_admit(self, request: Request) -> bool:
         limit = self._tier_running_max.get(request.tier)
         return limit is None or sum(r.tier == request.tier for r in self.running) < limit

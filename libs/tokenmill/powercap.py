@@ -82,7 +82,7 @@ def parse_cap_w(raw: object, cap_w_max: float) -> Decimal:
         raise CapError(f"cap_w must be a positive number of watts, not {raw!r}")
     if watts > Decimal(str(cap_w_max)):
         raise CapError(
-            f"cap_w {watts} W is over {cap_w_max:g} W (power_cap_w_max): no facility draws that"
+            f"cap_w {raw!r} is over {cap_w_max:,.0f} W (power_cap_w_max): no facility draws that"
         )
     quantized = watts.quantize(WATT_QUANTUM)
     if quantized <= 0:
@@ -117,7 +117,7 @@ class Level:
     level: int = 0
     measured_w: Decimal | None = None
     cap_w: Decimal | None = None
-    reason: str = "no curtailment"
+    reason: str = "no decision in force (no power controller running, or its level lapsed)"
     # When the level last changed, and when it was last confirmed (Unix seconds, the
     # controller's clock): the controller's dwell time counts from `changed_at`.
     changed_at: float = 0.0

@@ -195,6 +195,7 @@ async def main(args: argparse.Namespace) -> None:
         power_control_interval_s=0.5,
         power_cap_window_s=args.window_s,
         power_cap_dwell_s=args.window_s,
+        power_cap_release_dwell_s=4 * args.window_s,
         ready_workers_min=1,
     )
     factory = Factory(settings, Path(tempfile.mkdtemp(prefix="tokenmill-bench-power-")))
@@ -307,7 +308,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup-s", type=float, default=15.0)
     parser.add_argument("--phase-s", type=float, default=40.0)
     parser.add_argument("--settle-s", type=float, default=20.0)
-    parser.add_argument("--window-s", type=float, default=4.0, help="controller window and dwell")
+    parser.add_argument(
+        "--window-s", type=float, default=4.0, help="controller window and dwell (release: 4x)"
+    )
     parser.add_argument("--sample-s", type=float, default=0.5, help="meter sample interval")
     parser.add_argument("--idle-w", type=float, default=0.0, help="constant power added")
     return parser.parse_args()

@@ -54,6 +54,7 @@ def fast(settings: Settings) -> Settings:
         power_control_interval_s=0.1,
         power_cap_window_s=0.5,
         power_cap_dwell_s=2.0,
+        power_cap_release_dwell_s=2.0,
         power_level_poll_s=0.05,
         power_level_ttl_s=5.0,
         power_sample_interval_s=3600.0,

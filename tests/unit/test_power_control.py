@@ -12,7 +12,7 @@ from tokenmill.events import PowerSample
 from tokenmill.powercap import LEVEL_MAX, NO_CURTAILMENT, CapError, Level, parse_cap_w, shed_tiers
 from tokenmill.telemetry.control import Policy, decide, facility_power_w
 
-POLICY = Policy(release_share=Decimal("0.9"), dwell_s=10.0)
+POLICY = Policy(release_share=Decimal("0.9"), dwell_s=10.0, release_dwell_s=20.0)
 CAP_W = Decimal(1000)
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
 
@@ -75,10 +75,11 @@ def test_hysteresis_holds_the_level_between_the_release_line_and_the_cap():
     assert walk([1000] * 5, level=shed) == [2] * 5
 
 
-def test_capacity_returns_one_tier_at_a_time_premium_first_without_an_operator():
+def test_capacity_returns_one_tier_at_a_time_premium_first_slower_than_it_was_shed():
     shed = Level(level=3, changed_at=-100.0)
-    levels = walk([500] * 25, level=shed)
-    assert levels[0] == 2 and levels[10] == 1 and levels[20] == 0
+    levels = walk([500] * 45, level=shed)
+    # The release dwell (20 s) is twice the shedding one: premium, standard, then free return.
+    assert levels[0] == 2 and levels[19] == 2 and levels[20] == 1 and levels[40] == 0
     assert levels[-1] == 0
 
 

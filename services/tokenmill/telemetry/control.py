@@ -7,9 +7,12 @@ on the power stream in the last `power_cap_window_s` (by their stream ids, Redis
 hosts' clocks do not matter), takes each meter's mean power over them (its joules over its
 windows' seconds) and sums the meters: the facility's smoothed power. `decide` then moves the
 level at most one step: up while the power is over the cap, down once it is under
-`power_cap_release_share` of it (the hysteresis band keeps it from flapping at the edge), and
-never twice within `power_cap_dwell_s`, since shedding a tier shows in the smoothed power
-only after the work already running has finished and the window has moved past it.
+`power_cap_release_share` of it (the hysteresis band keeps it from flapping at the edge). It
+sheds no sooner than `power_cap_dwell_s` after the last step, since shedding a tier shows in
+the smoothed power only after the work already running has finished and the window has moved
+past it; and it gives a tier back no sooner than `power_cap_release_dwell_s` after it: a tier
+given back can push the power over the cap again (on a CPU the engine draws nearly as much for
+a few requests as for many), and a slow return makes that cycle rare instead of constant.
 
 A change of level is a `CurtailmentChanged` event on the control stream (the ledger logs it);
 the level itself is rewritten every interval, with a TTL, where intakes and workers read it.
@@ -56,12 +59,13 @@ return 1
 class Policy:
     release_share: Decimal
     dwell_s: float
+    release_dwell_s: float
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Policy:
         share = Decimal(str(settings.power_cap_release_share))
         assert 0 < share <= 1, "power_cap_release_share is a share of the cap"
-        return cls(share, settings.power_cap_dwell_s)
+        return cls(share, settings.power_cap_dwell_s, settings.power_cap_release_dwell_s)
 
 
 def facility_power_w(samples: Iterable[PowerSample]) -> Decimal | None:
@@ -90,7 +94,7 @@ def decide(
     now_s: float,
     policy: Policy,
 ) -> Level:
-    """The next level: at most one step from `current`, and none within the dwell time."""
+    """The next level: at most one step from `current`, and none within the dwell times."""
 
     def to(level: int, reason: str) -> Level:
         changed_at = now_s if level != current.level else current.changed_at
@@ -101,17 +105,17 @@ def decide(
     if measured_w is None:
         # Nothing to compare: a cap that cannot be measured is not enforced (fails open).
         return to(0, "no power samples in the window: the cap cannot be enforced")
-    settled = now_s - current.changed_at >= policy.dwell_s
+    since_s = now_s - current.changed_at
     release_w = (cap_w * policy.release_share).quantize(powercap.WATT_QUANTUM)
     if measured_w > cap_w:
         if current.level == LEVEL_MAX:
             return to(current.level, f"{measured_w} W over the cap of {cap_w} W, every tier shed")
-        if not settled:
+        if since_s < policy.dwell_s:
             return to(current.level, f"{measured_w} W over the cap of {cap_w} W; letting the "
                       "last step show before the next")  # fmt: skip
         return to(current.level + 1, f"{measured_w} W over the cap of {cap_w} W")
     if measured_w < release_w and current.level > 0:
-        if not settled:
+        if since_s < policy.release_dwell_s:
             return to(current.level, f"{measured_w} W under {release_w} W; letting the last "
                       "step show before the next")  # fmt: skip
         return to(current.level - 1, f"{measured_w} W under {release_w} W "

@@ -291,9 +291,12 @@ class LevelFollower:
             try:
                 await self.refresh()
             except RedisError as exc:
-                # The Redis watch of the service logs the outage; one line here says what it
-                # means for the cap.
+                # The Redis watch of the service logs the outage.
                 log.debug("curtailment level not read (%s); keeping %d", exc, self._level.level)
+                self._lapse_if_stale()
+            except (ValueError, KeyError) as exc:
+                # Not the controller's JSON: treated as unreadable, so it lapses like one.
+                log.warning("curtailment level unreadable: %r", exc)
                 self._lapse_if_stale()
             await asyncio.sleep(self._settings.power_level_poll_s)
 

@@ -20,6 +20,7 @@ import httpx
 import pytest
 from faststream.redis import RedisBroker
 from redis.asyncio import Redis as RedisClient
+from redis.exceptions import RedisError
 
 from tests.integration.helpers import eventually, publish_signed
 from tests.integration.test_customer_commands import tokenmill  # noqa: F401 (a fixture)
@@ -346,3 +347,35 @@ async def test_power_cap_commands_set_show_and_clear_and_refuse_bad_watts(
     assert refusal is None and "power cap: none" in out
     refusal, _ = await tokenmill("power", "cap", "--clear", "5000")
     assert refusal is not None  # One or the other, not both.
+
+
+async def test_a_follower_keeps_the_last_level_through_an_outage_then_fails_open(
+    test_settings: Settings, redis: RedisClient
+):
+    settings = dataclasses.replace(test_settings, power_level_ttl_s=0.5)
+    shed = powercap.Level(level=2, measured_w=Decimal(1200), cap_w=Decimal(1000), reason="test")
+    await redis.set(powercap.level_key(settings.stream_prefix), json.dumps(shed.as_json()))
+    follower = powercap.LevelFollower(redis, settings)
+    await follower.refresh()
+    assert follower.current().shed_tiers == ("free", "standard")
+
+    # Redis unreachable: the level read last holds for power_level_ttl_s, then nothing is shed.
+    unreachable = RedisClient.from_url("redis://127.0.0.1:1", socket_connect_timeout=0.1)
+    follower._redis = unreachable
+    try:
+        with pytest.raises(RedisError):
+            await follower.refresh()
+        assert follower.current().level == 2
+        await asyncio.sleep(0.6)
+        assert follower.current().level == 0
+    finally:
+        await unreachable.aclose()
+
+    # A controller that stopped refreshing: its key expires, and the level lapses with it.
+    follower._redis = redis
+    await redis.set(powercap.level_key(settings.stream_prefix), json.dumps(shed.as_json()), px=300)
+    await follower.refresh()
+    assert follower.current().level == 2
+    await asyncio.sleep(0.4)
+    await follower.refresh()
+    assert follower.current().level == 0

@@ -217,6 +217,9 @@ class Controller:
                     await self.control_once(time.time())
             except RedisError as exc:
                 log.warning("power control skipped this interval: %s", exc)
+            except Exception:
+                # A bug must not end the loop silently; the level lapses meanwhile (fails open).
+                log.exception("power control failed this interval")
 
 
 def _json(level: Level) -> str:

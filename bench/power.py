@@ -306,10 +306,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--premium-rate", type=float, default=0.2, help="premium jobs a second")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--warmup-s", type=float, default=15.0)
-    parser.add_argument("--phase-s", type=float, default=40.0)
-    parser.add_argument("--settle-s", type=float, default=20.0)
+    parser.add_argument("--phase-s", type=float, default=90.0)
+    parser.add_argument("--settle-s", type=float, default=45.0)
     parser.add_argument(
-        "--window-s", type=float, default=4.0, help="controller window and dwell (release: 4x)"
+        "--window-s", type=float, default=12.0, help="controller window and dwell (release: 4x)"
     )
     parser.add_argument("--sample-s", type=float, default=0.5, help="meter sample interval")
     parser.add_argument("--idle-w", type=float, default=0.0, help="constant power added")

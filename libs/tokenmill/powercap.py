@@ -36,6 +36,7 @@ from redis.asyncio import Redis as RedisClient
 from redis.exceptions import RedisError
 
 from tokenmill.events import PowerCapSet, Tier
+from tokenmill.outage import stop_if_cancelled
 from tokenmill.settings import Settings
 from tokenmill.signing import SigningKeys
 from tokenmill.streams import Streams, event_headers, publish
@@ -291,6 +292,7 @@ class LevelFollower:
             try:
                 await self.refresh()
             except RedisError as exc:
+                stop_if_cancelled()  # redis-py turns a cancellation mid-command into an error.
                 # The Redis watch of the service logs the outage.
                 log.debug("curtailment level not read (%s); keeping %d", exc, self._level.level)
                 self._lapse_if_stale()

@@ -36,6 +36,7 @@ from redis.exceptions import RedisError
 
 from tokenmill import powercap, service
 from tokenmill.events import CurtailmentChanged, Event, PowerCapSet, PowerSample, parse_event
+from tokenmill.outage import stop_if_cancelled
 from tokenmill.powercap import LEVEL_MAX, Level
 from tokenmill.settings import Settings
 from tokenmill.signing import SIGNATURE_HEADER, SigningKeys
@@ -216,8 +217,10 @@ class Controller:
                     # change of leader.
                     await self.control_once(time.time())
             except RedisError as exc:
+                stop_if_cancelled()  # redis-py turns a cancellation mid-command into an error.
                 log.warning("power control skipped this interval: %s", exc)
             except Exception:
+                stop_if_cancelled()
                 # A bug must not end the loop silently; the level lapses meanwhile (fails open).
                 log.exception("power control failed this interval")
 

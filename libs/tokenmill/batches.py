@@ -58,6 +58,9 @@ async def consume_batches(
     loop = asyncio.get_running_loop()
     next_claim = loop.time()
     while True:
+        # A cancellation that a handler's client turned into an error and waited out as an
+        # outage leaves the task cancelling; without this check the loop would read on.
+        stop_if_cancelled()
         try:
             if loop.time() >= next_claim:
                 await consumer.claim()

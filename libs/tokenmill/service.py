@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 # Redis is down: it notices a restarted Redis within this, before the subscribers' own retry
 # (every 5 s, fixed in FastStream) can find a Redis that came back empty without our groups.
 REDIS_WATCH_INTERVAL_S = 1.0
+# How long a stopping service waits for a cancelled loop before cancelling it again, and how
+# many times: bounded, so a loop that never yields cannot keep its service from stopping.
+LOOP_STOP_WAIT_S = 1.0
+LOOP_CANCELS_MAX = 10
 
 
 class _QuietOutages(logging.Filter):
@@ -128,18 +132,40 @@ async def running(
         background = await wire(runtime)
         await broker.start()
         background.append(watch_redis(runtime, pairs))
-        loops = [asyncio.create_task(coro, name=f"{name}-loop") for coro in background]
+        loops = [asyncio.create_task(c, name=f"{name}-{c.__name__}") for c in background]
         log.info("%s started (consumer %s)", name, settings.consumer)
         yield runtime
     finally:
-        for task in loops:
-            task.cancel()
-        await asyncio.gather(*loops, return_exceptions=True)
+        await stop_loops(loops)
         await broker.stop()
         await redis.aclose()
         if pool is not None:
             await _close_pool(pool, settings.graceful_timeout_s)
         log.info("%s stopped", name)
+
+
+async def stop_loops(loops: list[asyncio.Task[None]]) -> None:
+    """Cancel `loops` and wait for them to end, cancelling again any that does not.
+
+    A client library can swallow a cancellation (redis-py turns one that arrives mid-command
+    into a connection error, which a loop then waits out as an outage); a second cancellation
+    lands in that wait. Past LOOP_CANCELS_MAX the service stops without them, loudly.
+    """
+    pending = {task for task in loops if not task.done()}
+    for _ in range(LOOP_CANCELS_MAX):
+        if not pending:
+            return
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=LOOP_STOP_WAIT_S)
+        if pending:
+            log.warning(
+                "loops still running %.0fs after being cancelled: %s; cancelling again",
+                LOOP_STOP_WAIT_S,
+                ", ".join(sorted(task.get_name() for task in pending)),
+            )
+    if pending:
+        log.error("stopping without loops that ignored %d cancellations", LOOP_CANCELS_MAX)
 
 
 async def watch_redis(runtime: Runtime, pairs: list[tuple[str, str]]) -> None:

@@ -171,6 +171,11 @@ async def wire(rt: service.Runtime):
     )
 
     # Under the power cap the worker admits fewer requests of each shed tier into the batch.
+    if settings.power_shed_running_max < 1:
+        raise ValueError(
+            "power_shed_running_max must be at least 1: a shed tier's accepted work still runs"
+        )
+
     def curtail(level: powercap.Level) -> None:
         limit = settings.power_shed_running_max
         serving.limit_tiers({tier: limit for tier in level.shed_tiers})

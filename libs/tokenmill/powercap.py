@@ -183,7 +183,8 @@ async def set_cap(
     event: PowerCapSet,
 ) -> None:
     """Put the cap change on the control stream and in force, in one MULTI: the log never
-    misses a cap that was in force, and no cap is logged that never was."""
+    misses a cap that was in force. Whatever the log holds, the cap in force is its newest
+    `power.cap_set` by event id (a grid signal older than this one is logged but not applied)."""
     async with redis.pipeline(transaction=True) as pipe:
         await publish(
             broker, streams.control, event.canonical_json(), event_headers(event), keys, pipe

@@ -37,6 +37,7 @@ from redis.exceptions import RedisError
 
 from tokenmill.events import PowerCapSet, Tier
 from tokenmill.outage import stop_if_cancelled
+from tokenmill.service import stop_loops
 from tokenmill.settings import Settings
 from tokenmill.signing import SigningKeys
 from tokenmill.streams import Streams, event_headers, publish
@@ -290,6 +291,8 @@ class LevelFollower:
     async def run(self) -> None:
         """Follow the level until cancelled (a service's background loop)."""
         while True:
+            # A cancellation redis-py swallowed mid-command must still end the loop.
+            stop_if_cancelled()
             try:
                 await self.refresh()
             except RedisError as exc:
@@ -317,6 +320,4 @@ class LevelFollower:
         try:
             yield self
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_loops([task])

@@ -211,6 +211,8 @@ class Controller:
         in Redis lapses by itself if this goes on past power_level_ttl_s)."""
         while True:
             await asyncio.sleep(self.settings.power_control_interval_s)
+            # A cancellation redis-py swallowed mid-command must still end the loop.
+            stop_if_cancelled()
             try:
                 if await self.leads():
                     # Unix seconds: decisions are shown to operators and compared across a

@@ -8,7 +8,7 @@ PYTEST := $(BIN)/python -m pytest
 STAMP  := $(VENV)/.installed
 
 .PHONY: install run test unit integration e2e test-slow lint format bench bench-admission bench-books \
-        bench-engine bench-audit bench-replay bench-chain-overhead clean
+        bench-engine bench-audit bench-replay bench-chain-overhead bench-power clean
 
 install: $(STAMP)
 
@@ -67,6 +67,10 @@ bench-engine: install
 
 bench-audit: install
 	$(BIN)/python -m bench.audit
+# Premium TTFT p50/p99 with the power cap at half of the uncapped draw, beside uncapped, under
+# free and standard load (the worker process metered by the modelled CPU model; a few minutes).
+bench-power: install
+	$(BIN)/python -m bench.power
 
 # Events folded per second into a replay's scratch books, and a month of requests replayed and
 # diffed end to end; see bench/replay.py.

@@ -217,6 +217,32 @@ class EnergyInterval(Event):
     steps: int = Field(ge=0)
 
 
+class PowerCapSet(Event):
+    """An operator (admin API, CLI) or a grid signal set the facility's power budget, or
+    cleared it (`cap_w` None). Not tied to a request: `request_id` is empty. The newest one
+    (by event id, a time-ordered ULID) is the cap in force."""
+
+    type: Literal["power.cap_set"] = "power.cap_set"
+    cap_w: Decimal | None = Field(default=None, gt=0)
+    # Who set it: "admin-api", "cli", or "grid:<name>" for a grid operator's signal.
+    source: str = Field(min_length=1, max_length=200)
+    reason: str = Field(default="", max_length=500)
+
+
+class CurtailmentChanged(Event):
+    """The power controller moved the curtailment level: how many tiers, in curtailment order
+    (free, standard, premium), are shed. Not tied to a request: `request_id` is empty."""
+
+    type: Literal["power.curtailment"] = "power.curtailment"
+    level: int = Field(ge=0, le=len(TIERS))
+    previous_level: int = Field(ge=0, le=len(TIERS))
+    shed_tiers: tuple[Tier, ...]
+    # The smoothed facility power the decision saw; None when no meter reported in the window.
+    measured_w: Decimal | None
+    cap_w: Decimal | None
+    reason: str
+
+
 AnyEvent = Annotated[
     JobSubmitted
     | JobStarted
@@ -226,7 +252,9 @@ AnyEvent = Annotated[
     | PowerSample
     | PrepaidCreditAdded
     | UsageBooked
-    | EnergyInterval,
+    | EnergyInterval
+    | PowerCapSet
+    | CurtailmentChanged,
     Field(discriminator="type"),
 ]
 _any_event = TypeAdapter(AnyEvent)

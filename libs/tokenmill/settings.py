@@ -225,6 +225,31 @@ class Settings:
     invoices_list_max: int = 1000
     report_groups_max: int = 1000
     usage_groups_max: int = 1000
+    # The facility power cap (libs/tokenmill/powercap.py, telemetry/control.py). A cap is
+    # refused above `power_cap_w_max` watts (a typo, not a facility). Every
+    # `power_control_interval_s` the controller compares the facility's power (each meter's mean
+    # over the samples that arrived in the last `power_cap_window_s`, summed) with the cap and
+    # moves the curtailment level one step: up while over the cap, no sooner than
+    # `power_cap_dwell_s` after the last step (the smoothing window has to see its effect),
+    # down once under `power_cap_release_share` of it, no sooner than
+    # `power_cap_release_dwell_s` after the last step (a tier given back can push the power
+    # over again; returning slowly makes that cycle rare). Intakes and workers re-read
+    # the level every `power_level_poll_s`; a level the controller has not refreshed for
+    # `power_level_ttl_s` lapses (fail open, see docs/architecture.md). A worker runs at most
+    # `power_shed_running_max` requests of a shed tier at once (at least 1, so work already
+    # accepted still completes); intake answers a shed tier's new requests 429 with
+    # Retry-After `power_retry_after_s`.
+    power_cap_w_max: float = 100_000_000.0
+    power_control_interval_s: float = 1.0
+    power_cap_window_s: float = 15.0
+    power_cap_release_share: float = 0.9
+    power_cap_dwell_s: float = 15.0
+    power_cap_release_dwell_s: float = 60.0
+    power_cap_samples_max: int = 10_000
+    power_level_poll_s: float = 0.5
+    power_level_ttl_s: float = 10.0
+    power_shed_running_max: int = 1
+    power_retry_after_s: int = 15
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:

@@ -84,6 +84,11 @@ class Streams:
         """Money events an operator causes (prepaid credit top-ups): not tied to a request."""
         return f"{self.prefix}.billing"
 
+    @property
+    def control(self) -> str:
+        """Power control: cap changes (operator or grid signal) and curtailment decisions."""
+        return f"{self.prefix}.control"
+
     @staticmethod
     def dead_letters(stream: str) -> str:
         return f"{stream}.dlq"
@@ -97,6 +102,7 @@ class Streams:
             self.power,
             self.booked,
             self.billing,
+            self.control,
         ]
 
     def groups(self, region: str) -> list[tuple[str, str]]:
@@ -111,6 +117,8 @@ class Streams:
             (self.completions, "intake"),
             (self.completions, "inspector"),
             (self.booked, "intake"),
+            # The power controller applies cap changes a grid signal publishes here.
+            (self.control, "telemetry"),
         ] + [(stream, "ledger") for stream in self.all(region)]
 
 

@@ -20,7 +20,7 @@ import httpx
 from redis.asyncio import Redis as RedisClient
 from redis.exceptions import RedisError
 
-from tokenmill import datadir, deadletters, retention, service
+from tokenmill import datadir, deadletters, powercap, retention, service
 from tokenmill.db import migrate
 from tokenmill.embedded import EmbeddedInfra, die_with_parent
 from tokenmill.intake import admin, customer_commands
@@ -31,6 +31,7 @@ from tokenmill.ledger.chain import AuditKeyError, with_audit_key
 from tokenmill.settings import ENV_PREFIX, Settings
 from tokenmill.signing import SigningKeyError, SigningKeys, with_local_key
 from tokenmill.streams import Streams, create_groups
+from tokenmill.telemetry import commands as power
 
 log = logging.getLogger("tokenmill")
 
@@ -477,6 +478,17 @@ def cmd_books(settings: Settings, args: argparse.Namespace) -> None:
     )
 
 
+def cmd_power(settings: Settings, args: argparse.Namespace) -> None:
+    """`tokenmill power cap WATTS|--clear` and `tokenmill power status`."""
+    what = f"power {args.power_command}"
+    try:
+        power.check(args, settings)  # Bad input is refused before any server is touched.
+    except powercap.CapError as exc:
+        raise SystemExit(f"tokenmill {what}: {exc}") from None
+    work = lambda s: (asyncio.run(power.command(s, args)), True)  # noqa: E731
+    operate(with_local_key(settings), what, work, (powercap.CapError,))
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="tokenmill", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -508,6 +520,7 @@ def parser() -> argparse.ArgumentParser:
     audit.add_commands(commands)
     retention.add_commands(commands)
     books.add_commands(commands)
+    power.add_commands(commands)
     return root
 
 
@@ -527,6 +540,7 @@ def main(argv: list[str] | None = None) -> None:
         "streams": cmd_streams,
         "invoices": cmd_books,
         "reports": cmd_books,
+        "power": cmd_power,
     }
     try:
         handlers[args.command](Settings.from_env(), args)

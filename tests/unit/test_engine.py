@@ -287,3 +287,50 @@ def test_streamed_text_adds_up_to_the_final_text(runner):
 def test_a_step_budget_below_the_running_limit_is_refused():
     with pytest.raises(ValueError, match="engine_step_tokens_max"):
         EngineConfig(kv_cache_bytes=1 << 20, step_tokens_max=8, running_max=16)
+
+
+def test_a_curtailed_tier_runs_at_most_its_limit_and_every_request_still_finishes(runner):
+    """The power cap's worker side: a shed tier gets fewer places in the batch, the others keep
+    theirs, and nothing accepted is dropped; lifting the limit gives the places back."""
+    eng = engine(runner, running_max=8, step_tokens_max=64)
+    params = replace(GREEDY, max_tokens=6)
+    free = [f"free-{i}" for i in range(4)]
+    for i, request_id in enumerate(free):
+        eng.add_request(request_id, prompt(40 + i, 5), params, tier="free", customer_id=str(i))
+    eng.add_request("premium", prompt(50, 5), params, tier="premium", customer_id="p")
+    eng.limit_tiers({"free": 1})
+    free_running_max, finished = 0, {}
+    while eng.has_work:
+        for output in eng.step():
+            if output.finished is not None:
+                finished[output.request_id] = output.finished
+        free_running_max = max(free_running_max, sum(r.tier == "free" for r in eng.running))
+    assert free_running_max == 1
+    assert set(finished) == {*free, "premium"}
+
+    eng.limit_tiers({})
+    for i, request_id in enumerate(free):
+        eng.add_request(request_id, prompt(40 + i, 5), params, tier="free", customer_id=str(i))
+    eng.step()
+    assert sum(r.tier == "free" for r in eng.running) == 4
+
+
+def test_a_limited_tier_does_not_preempt_for_a_place_it_may_not_take(runner):
+    eng = engine(runner, running_max=1, step_tokens_max=64)
+    params = replace(GREEDY, max_tokens=8)
+    eng.add_request("free", prompt(60, 5), params, tier="free", customer_id="a")
+    eng.step()
+    eng.add_request("standard-1", prompt(61, 5), params, tier="standard", customer_id="b")
+    eng.add_request("standard-2", prompt(62, 5), params, tier="standard", customer_id="c")
+    eng.limit_tiers({"standard": 1})
+    eng.step()  # standard-1 outranks free: free is preempted for it.
+    assert [r.request_id for r in eng.running] == ["standard-1"]
+    preemptions = eng.preemptions_total
+    eng.step()  # standard-2 may not run beside standard-1: nobody is preempted for it.
+    assert eng.preemptions_total == preemptions
+    assert set(run_all(eng)["finished"]) == {"free", "standard-1", "standard-2"}
+
+
+def test_a_tier_limit_below_one_is_refused(runner):
+    with pytest.raises(AssertionError):
+        engine(runner).limit_tiers({"free": 0})

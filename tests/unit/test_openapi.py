@@ -50,10 +50,13 @@ def test_every_v1_route_is_described_and_needs_the_bearer_key(document: dict):
             assert all(p["name"].lower() != "authorization" for p in op.get("parameters", []))
             assert "WWW-Authenticate" in op["responses"]["401"]["headers"]
             assert "Retry-After" in op["responses"]["503"]["headers"]
+            if "429" in op["responses"]:
+                assert "Retry-After" in op["responses"]["429"]["headers"]
 
 
-# 402: over budget, out of prepaid credit or past the free quota; 403: a suspended customer.
-BODY_ERRORS = ("400", "401", "402", "403", "409", "413", "415")
+# 402: over budget, out of prepaid credit or past the free quota; 403: a suspended customer;
+# 429: the key's tier is shed under the facility power cap.
+BODY_ERRORS = ("400", "401", "402", "403", "409", "413", "415", "429")
 # Every /v1 route may meet a draining intake or a storage outage.
 UNAVAILABLE = ("503", "504")
 

@@ -13,9 +13,10 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tokenmill import service, tokenizer
+from tokenmill import powercap, service, tokenizer
 from tokenmill.intake import (
     admin_customers,
+    admin_power,
     admin_prices,
     admission,
     invoices_admin,
@@ -136,7 +137,12 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
             app.state.keys = KeyCache(runtime.db, settings)
             app.state.waiter = jobs.CompletionWaiter(runtime.db)
             app.state.tokenizer = await asyncio.to_thread(tokenizer.load, settings)
-            async with app.state.waiter.listening(), app.state.keys.listening():
+            app.state.power = powercap.LevelFollower(runtime.redis, settings)
+            async with (
+                app.state.waiter.listening(),
+                app.state.keys.listening(),
+                app.state.power.following(),
+            ):
                 yield
 
     app = FastAPI(title="tokenmill intake", version="0.1.0", lifespan=lifespan)
@@ -202,6 +208,9 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
                 )
         except InvalidRequest as exc:
             raise ApiError(400, "invalid_request", str(exc), exc.param) from exc
+        level = request.app.state.power.current()
+        if shed := admin_power.curtailed(level, who.tier, settings.power_retry_after_s):
+            raise shed
         runtime = request.app.state.runtime
         # FastAPI's own server span is current here, so the job event's headers carry it.
         try:
@@ -345,4 +354,5 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
         return Response(text, status_code=status, media_type=probes.METRICS_MEDIA_TYPE)
 
     app.include_router(invoices_admin.router, prefix=ADMIN_PREFIX, dependencies=AdminDependencies)
+    app.include_router(admin_power.router, prefix=ADMIN_PREFIX, dependencies=AdminDependencies)
     return app

@@ -321,6 +321,9 @@ _WHY: dict[int, str] = {
     404: "Nothing by that id for this key's customer; another customer's job or invoice is not "
     "found either.",
     409: "This Idempotency-Key was used before with a different body; nothing was queued.",
+    429: "The facility is over its power budget and sheds this key's tier (free first, then "
+    "standard, premium last; code `power_curtailed`): nothing was queued. Send it again after "
+    "Retry-After seconds; requests already accepted still complete.",
     413: "The request body is over the size limit; nothing was written or queued.",
     415: "The body is not `application/json`; nothing was written or queued.",
     503: "The intake is shutting down, or cannot reach its storage right now. Send the request "
@@ -331,6 +334,7 @@ _WHY: dict[int, str] = {
 }
 _HEADERS: dict[int, dict[str, str]] = {
     401: {"WWW-Authenticate": "`Bearer`: the scheme to authenticate with."},
+    429: {"Retry-After": "Seconds to wait before sending the request again."},
     503: {"Retry-After": "Seconds to wait before sending the request again."},
     504: {"x-should-retry": "`false`: OpenAI's clients then do not retry (and pay) again."},
 }
@@ -364,7 +368,7 @@ _LOCATION = {"Location": "Where the job can be read: `/v1/jobs/{id}`."}
 # Any /v1 request can meet a draining intake (503, or 504 past the drain's time) or an
 # outage of the storage (503).
 _UNAVAILABLE = (503, 504)
-_BODY_ERRORS = (400, 401, 402, 403, 409, 413, 415, *_UNAVAILABLE)
+_BODY_ERRORS = (400, 401, 402, 403, 409, 413, 415, 429, *_UNAVAILABLE)
 OPERATIONS: dict[tuple[str, str], Operation] = {
     ("post", "/v1/jobs"): Operation(
         {

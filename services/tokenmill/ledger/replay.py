@@ -68,7 +68,15 @@ from tokenmill.signing import SIGNATURE_HEADER, SigningKeys
 from tokenmill.streams import Streams
 
 # Operator-set tables the books are computed from: copied, not rebuilt.
-REFERENCE_TABLES = ("price_book", "cost_rates", "price_plans", "price_bands", "customer_plans")
+# In an order that copies a referenced table before the tables referring to it.
+REFERENCE_TABLES = (
+    "price_book",
+    "cost_rates",
+    "tariff_hours",
+    "price_plans",
+    "price_bands",
+    "customer_plans",
+)
 LOG_FETCH_ROWS = 10_000
 STREAM_FETCH_ENTRIES = 10_000
 # Completions booked per transaction in the scratch books; larger than the live consumer's

@@ -18,7 +18,8 @@ from tokenmill import service
 from tokenmill.events import PowerSample, utc_now
 from tokenmill.meters import Meter, create_meter
 from tokenmill.money import to_decimal
-from tokenmill.streams import publish_event
+from tokenmill.streams import consume, publish_event
+from tokenmill.telemetry import control
 
 log = logging.getLogger(__name__)
 WATT_PLACES = Decimal("0.000001")
@@ -81,4 +82,7 @@ async def sample_forever(rt: service.Runtime, meter: Meter) -> None:
 async def wire(rt: service.Runtime):
     meter = create_meter(rt.settings, rt.settings.device, scope="host")
     log.info("metering %s with %s (estimated=%s)", meter.device, meter.name, meter.estimated)
-    return [sample_forever(rt, meter)]
+    # The power cap: grid signals on the control stream, and the controller that sheds load.
+    consume(rt.broker, rt.settings, rt.streams.control, "telemetry",
+            lambda event, delivery: control.on_control(rt, event, delivery))  # fmt: skip
+    return [sample_forever(rt, meter), control.Controller(rt).run()]

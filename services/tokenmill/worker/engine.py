@@ -127,6 +127,8 @@ class BatchEngine:
         self.waiting: FairQueue[Request] = FairQueue()
         self.running: list[Request] = []
         self._cancelled: set[str] = set()
+        # Tiers curtailed under the power cap: at most this many of their requests running.
+        self._tier_running_max: dict[str, int] = {}
         self._admissions = 0
         self.preemptions_total = 0
         self.prefix_queried_tokens_total = 0
@@ -179,6 +181,21 @@ class BatchEngine:
             self.pool.release(request.table)
         self.running.clear()
         self._cancelled.clear()
+
+    def limit_tiers(self, running_max: dict[str, int]) -> None:
+        """Admit a tier's waiting requests only while fewer than `running_max[tier]` of its
+        requests run (tiers not named: no limit). Running requests are never stopped for it,
+        and at least one may always run, so accepted work keeps completing."""
+        assert all(limit >= 1 for limit in running_max.values()), running_max
+        self._tier_running_max = dict(running_max)
+
+    @property
+    def tier_running_max(self) -> dict[str, int]:
+        return dict(self._tier_running_max)
+
+    def _may_admit(self, request: Request) -> bool:
+        limit = self._tier_running_max.get(request.tier)
+        return limit is None or sum(r.tier == request.tier for r in self.running) < limit
 
     @property
     def has_work(self) -> bool:
@@ -294,9 +311,13 @@ class BatchEngine:
                 scheduled.append((request, count))
                 budget -= count
         while budget > 0 and len(self.running) < self.config.running_max and self.waiting:
-            count = self._admit(self.waiting.peek(), budget)
+            head = self.waiting.peek()
+            # Head-of-line: nothing less important jumps the queue (nor a tier shed after it).
+            if not self._may_admit(head):
+                break
+            count = self._admit(head, budget)
             if count == 0:
-                break  # Head-of-line: nothing less important jumps the queue.
+                break
             scheduled.append((self.running[-1], count))
             budget -= count
         return scheduled
@@ -306,7 +327,7 @@ class BatchEngine:
         while self.running and self.waiting:
             head = self.waiting.peek()
             victim = min(self.running, key=_priority)
-            if _rank(victim) >= _rank(head):
+            if _rank(victim) >= _rank(head) or not self._may_admit(head):
                 return
             first_chunk = min(len(head.ids), self.config.step_tokens_max)
             blocks_needed = -(-first_chunk // self.pool.block_size)

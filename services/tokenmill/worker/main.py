@@ -11,7 +11,7 @@ import logging
 import torch
 from redis.exceptions import RedisError
 
-from tokenmill import health, service
+from tokenmill import health, powercap, service
 from tokenmill.events import Event, JobStarted, JobSubmitted, parse_event, utc_now
 from tokenmill.meters import create_meter
 from tokenmill.settings import Settings
@@ -196,10 +196,23 @@ async def wire(rt: service.Runtime):
         on_give_up=on_give_up,
         max_workers=max(1, serving.capacity - 1),
     )
+
+    # Under the power cap the worker admits fewer requests of each shed tier into the batch.
+    if settings.power_shed_running_max < 1:
+        raise ValueError(
+            "power_shed_running_max must be at least 1: a shed tier's accepted work still runs"
+        )
+
+    def curtail(level: powercap.Level) -> None:
+        limit = settings.power_shed_running_max
+        serving.limit_tiers({tier: limit for tier in level.shed_tiers})
+
+    follower = powercap.LevelFollower(rt.redis, settings, curtail)
     # Intake's /readyz counts the workers whose heartbeat is live: this one, while its model is
     # loaded and until it begins to stop.
     return [
         note_stopping(),
         health.heartbeat(rt.redis, settings, runner.name, runner.device),
         publish_energy(rt, serving.energy),
+        follower.run(),
     ]

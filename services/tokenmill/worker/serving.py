@@ -84,6 +84,7 @@ class EngineService:
         self._inbox: deque[_Job] = deque()
         self._cancels: list[str] = []
         self._jobs: dict[str, _Job] = {}
+        self._tier_limits: dict[str, int] | None = None  # For the engine thread to apply.
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
@@ -131,6 +132,12 @@ class EngineService:
             self._wake.set()
             raise
 
+    def limit_tiers(self, running_max: dict[str, int]) -> None:
+        """Curtail tiers under the power cap (BatchEngine.limit_tiers), from the next step on."""
+        with self._lock:
+            self._tier_limits = dict(running_max)
+        self._wake.set()
+
     def holds(self, request_id: str) -> bool:
         with self._lock:
             return request_id in self._jobs
@@ -158,6 +165,9 @@ class EngineService:
 
     def _take_inbox(self) -> None:
         with self._lock:
+            if self._tier_limits is not None:
+                self.engine.limit_tiers(self._tier_limits)
+                self._tier_limits = None
             for request_id in self._cancels:
                 self.engine.cancel(request_id)
                 cancelled = self._jobs.pop(request_id, None)

@@ -417,15 +417,23 @@ _STREAMS_FULL = (
 
 
 def _streamed(chunk: str) -> dict[str, dict[str, Any]]:
-    """The `stream: true` answer: server-sent events, each `data:` line one `chunk`."""
-    return {
-        "text/event-stream": {
-            "schema": {
-                "type": "string",
-                "description": f"`data: <{chunk}>` events, then `data: [DONE]`.",
-            }
-        }
+    """The `stream: true` answer: server-sent events, each one's `data` a `chunk` as JSON (or
+    an error, after the stream began), the last one `[DONE]`."""
+    payload = {
+        "anyOf": [{"$ref": f"#/components/schemas/{name}"} for name in (chunk, "OpenAIError")]
     }
+    event = {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "type": "string",
+                "if": {"const": "[DONE]"},
+                "else": {"contentMediaType": "application/json", "contentSchema": payload},
+            }
+        },
+    }
+    return {"text/event-stream": {"schema": event}}
 
 
 # Any /v1 request can meet a draining intake (503, or 504 past the drain's time) or an

@@ -135,9 +135,17 @@ async def events(answer: Answer, follower: TokenFollower, idle_s: float) -> Asyn
         text = Text()
         row = answer.row
         if row["status"] not in FINISHED:
-            with follower.follow(row["request_id"]) as queue:
-                async for new in _follow(queue, text, answer.read_record, idle_s):
-                    yield sse(chunks.text(new))
+            try:
+                with follower.follow(row["request_id"]) as queue:
+                    async for new in _follow(queue, text, answer.read_record, idle_s):
+                        yield sse(chunks.text(new))
+            except TooManyStreams as exc:
+                # Others began streaming since the route checked: the job runs on regardless.
+                message = f"{exc}; read the job at /v1/jobs/{row['request_id']}"
+                yield sse(views.stream_error("too_many_streams", message))
+                ended = True
+                yield sse("[DONE]")
+                return
             if text.end is None:
                 row = await answer.read_record()
         for event in _ending(chunks, text, row):

@@ -154,9 +154,22 @@ async def test_a_client_that_hangs_up_stops_its_job_and_is_billed_once_for_what_
     assert Decimal(job["billing"]["revenue"]) == books["revenue"] > 0
 
 
+async def held_customer(factory: Factory, name: str) -> tuple[str, str]:
+    """A customer with a monthly budget, so that its jobs' worst cases are held: (id, key)."""
+    conn = await connect(factory.settings.database_url)
+    try:
+        region = factory.settings.region
+        customer, key = await customers.create(conn, name, "standard", region, True)
+        await admission.set_budget(conn, customer.customer_id, Decimal("1.00"))
+    finally:
+        await conn.close()
+    return customer.customer_id, key
+
+
 async def test_a_running_job_shows_its_text_so_far_and_can_be_cancelled(
-    factory: Factory, api_key: str, pool: asyncpg.Pool
+    factory: Factory, pool: asyncpg.Pool
 ):
+    customer_id, api_key = await held_customer(factory, "running")
     body = {"prompt": COUNT_TO_1000, "max_tokens": LONG_MAX_TOKENS, "stream": True}
     events: list[dict] = []
     async with client(factory, api_key) as http:
@@ -191,6 +204,22 @@ async def test_a_running_job_shows_its_text_so_far_and_can_be_cancelled(
     books = await billed_once(pool, job_id)
     assert books["completion_tokens"] == job["usage"]["completion_tokens"] < LONG_MAX_TOKENS
 
+    # Its hold settles at the booked charge, and the inspector judges it like any completion.
+    async def settled() -> bool:
+        balance = await pool.fetchrow(
+            "SELECT held, period_settled FROM intake.admission_balances WHERE customer_id = $1",
+            customer_id,
+        )
+        return balance["held"] == 0 and balance["period_settled"] == books["revenue"]
+
+    async def judged() -> bool:
+        return bool(
+            await pool.fetchval("SELECT count(*) FROM ledger.quality WHERE request_id = $1", job_id)
+        )
+
+    await eventually(settled)
+    await eventually(judged)
+
 
 async def test_a_finished_job_cannot_be_cancelled(factory: Factory, api_key: str):
     async with client(factory, api_key) as http:
@@ -205,21 +234,14 @@ async def test_a_finished_job_cannot_be_cancelled(factory: Factory, api_key: str
 async def test_a_job_cancelled_while_queued_is_never_run_and_its_hold_is_released(
     factory: Factory, pool: asyncpg.Pool
 ):
-    conn = await connect(factory.settings.database_url)
-    try:
-        region = factory.settings.region
-        customer, key = await customers.create(conn, "queued", "standard", region, True)
-        await admission.set_budget(conn, customer.customer_id, Decimal("1.00"))
-    finally:
-        await conn.close()
-
+    customer_id, key = await held_customer(factory, "queued")
     factory.kill("worker")
     async with client(factory, key) as http:
         submitted = await http.post("/v1/jobs", json={"prompt": "Say hi", "max_tokens": 8})
         job_id = submitted.json()["id"]
         held = await pool.fetchval(
             "SELECT held FROM intake.admission_balances WHERE customer_id = $1",
-            customer.customer_id,
+            customer_id,
         )
         assert held > 0
         cancelled = await http.post(f"/v1/jobs/{job_id}/cancel")
@@ -227,7 +249,7 @@ async def test_a_job_cancelled_while_queued_is_never_run_and_its_hold_is_release
         assert cancelled.json()["status"] == "cancelled"
         balance = await pool.fetchrow(
             "SELECT held, period_settled FROM intake.admission_balances WHERE customer_id = $1",
-            customer.customer_id,
+            customer_id,
         )
         assert balance["held"] == 0 and balance["period_settled"] == 0
 

@@ -127,13 +127,12 @@ def sse(data: dict[str, Any] | str) -> str:
 async def events(answer: Answer, follower: TokenFollower, idle_s: float) -> AsyncIterator[str]:
     """The answer's events, as `text/event-stream` lines."""
     chunks = views.Chunks(answer.row, answer.include_usage)
-    ended = False
+    text = Text()
+    row = answer.row
     try:
         first = chunks.first()
         if first is not None:
             yield sse(first)
-        text = Text()
-        row = answer.row
         if row["status"] not in FINISHED:
             try:
                 with follower.follow(row["request_id"]) as queue:
@@ -143,18 +142,20 @@ async def events(answer: Answer, follower: TokenFollower, idle_s: float) -> Asyn
                 # Others began streaming since the route checked: the job runs on regardless.
                 message = f"{exc}; read the job at /v1/jobs/{row['request_id']}"
                 yield sse(views.stream_error("too_many_streams", message))
-                ended = True
                 yield sse("[DONE]")
                 return
             if text.end is None:
                 row = await answer.read_record()
         for event in _ending(chunks, text, row):
             yield sse(event)
-        ended = True
         yield sse("[DONE]")
-    finally:
-        if not ended and answer.on_hang_up is not None:
+    except (asyncio.CancelledError, GeneratorExit):
+        # The server stops a response whose client went away (Starlette cancels it, or
+        # closes the generator): the client hung up before the end. A failure of our own
+        # (an exception) is not the client's doing and stops nothing.
+        if answer.on_hang_up is not None and text.end is None:
             answer.on_hang_up()
+        raise
 
 
 async def _follow(

@@ -1,7 +1,7 @@
 """Streaming and cancelling through the intake in process (real Postgres and Redis, no worker:
 completions are published as a worker would): refusals, the cancel route's answers and
 signals, answers replayed from the record, cached tokens in OpenAI's usage, and the worker's
-deltas written one round trip per engine step."""
+deltas written one round trip per engine step, and the workers' cancel signals."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from tokenmill.intake.api import create_app
 from tokenmill.intake.main import wire
 from tokenmill.settings import Settings
 from tokenmill.streams import Streams
+from tokenmill.worker.cancels import Cancels
 from tokenmill.worker.deltas import DeltaPublisher
 from tokenmill.worker.engine import StepOutput
 
@@ -230,3 +231,24 @@ async def test_a_workers_deltas_go_out_in_one_round_trip_per_step(
 async def _entries(redis: RedisClient, settings: Settings, request_id: str, count: int) -> bool:
     key = tokenstream.tokens_key(settings.stream_prefix, request_id)
     return await redis.xlen(key) >= count
+
+
+async def test_a_worker_hears_a_cancel_for_a_job_it_holds_whenever_it_was_sent(
+    redis: RedisClient, test_settings: Settings
+):
+    cancels = Cancels(redis, test_settings)
+    following = asyncio.create_task(cancels.follow())
+    try:
+        # Sent before the worker took the job: the key says so on pickup.
+        await tokenstream.request_cancel(redis, test_settings, "job_early")
+        with cancels.hold("job_early") as stop:
+            assert await cancels.requested("job_early") and not stop.is_set()
+        # Sent while it runs: the control stream sets its stop event; other jobs are untouched.
+        with cancels.hold("job_late") as stop, cancels.hold("job_other") as other:
+            assert not await cancels.requested("job_late")
+            await asyncio.sleep(0.2)  # The follower reads from the stream's end.
+            await tokenstream.request_cancel(redis, test_settings, "job_late")
+            await asyncio.wait_for(stop.wait(), 5)
+            assert not other.is_set()
+    finally:
+        following.cancel()

@@ -111,7 +111,9 @@ class JobCompleted(Event):
     messages: tuple[ChatMessage, ...] | None = None
     max_tokens: int
     text: str
-    finish_reason: Literal["stop", "length"]
+    # "cancelled": stopped by its customer (or a client that hung up) after its first token;
+    # billed for the tokens it made.
+    finish_reason: Literal["stop", "length", "cancelled"]
     prompt_tokens: int
     completion_tokens: int
     # Of prompt_tokens, how many came from the engine's prefix cache (OpenAI's

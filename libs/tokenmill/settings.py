@@ -250,6 +250,19 @@ class Settings:
     power_level_ttl_s: float = 10.0
     power_shed_running_max: int = 1
     power_retry_after_s: int = 15
+    # Streaming (libs/tokenmill/tokenstream.py). Each request's token deltas go through a Redis
+    # stream of at most `token_stream_entries_max` entries (one per engine step that made text,
+    # so more than max_tokens_limit keeps every one) that expires `token_stream_ttl_s` after its
+    # last write. A cancelled job's key, which the worker that picks it up checks, lives
+    # `cancel_keep_s`; the cancel stream every worker follows keeps at most
+    # `cancel_stream_entries_max` cancel signals. An intake streams at most
+    # `streams_open_max` answers at once (more get 503 too_many_streams), and ends a stream
+    # with an error when nothing came for `chat_wait_s`.
+    token_stream_entries_max: int = 4096
+    token_stream_ttl_s: float = 3600.0
+    cancel_keep_s: float = 86_400.0
+    cancel_stream_entries_max: int = 10_000
+    streams_open_max: int = 1000
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:

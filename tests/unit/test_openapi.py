@@ -138,6 +138,9 @@ def row(**overrides) -> dict:
         "revenue": Decimal("0.00002"),
         "currency": "USD",
         "error": None,
+        "cancel_requested_at": None,
+        "cached_prompt_tokens": 2,
+        "api": "chat",
     } | overrides
 
 
@@ -148,13 +151,41 @@ def row(**overrides) -> dict:
         row(booked_at=None, cost=None, revenue=None, currency=None),
         row(status="queued", started_at=None, completed_at=None, booked_at=None),
         row(status="failed", output_text=None, finish_reason=None, error="too long"),
+        row(status="cancelled", finish_reason="cancelled", cancel_requested_at=NOW),
+        row(status="cancelled", output_text=None, finish_reason=None, cancel_requested_at=NOW),
+        row(cached_prompt_tokens=None),
     ],
 )
 def test_views_build_the_bodies_the_document_declares(record: dict):
     conforms(openapi.JobView, views.job(record))
-    if record["status"] == "completed":
+    if record["output_text"] is not None:
         conforms(openapi.ChatCompletion, views.chat_completion(record))
         conforms(openapi.TextCompletion, views.text_completion(record))
+
+
+def test_a_running_job_shows_its_partial_text_without_a_finish_reason():
+    running = row(status="running", completed_at=None, booked_at=None, output_text=None)
+    view = views.job(running, partial="Hel")
+    conforms(openapi.JobView, view)
+    assert view["output"] == {"text": "Hel", "finish_reason": None}
+
+
+@pytest.mark.parametrize("api", ["chat", "completions"])
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_stream_chunks_are_shaped_as_declared(api: str, include_usage: bool):
+    chunks = views.Chunks(row(api=api), include_usage)
+    model = openapi.ChatCompletionChunk if api == "chat" else openapi.TextCompletionChunk
+    sent = [chunks.first(), chunks.text("Hel"), chunks.finish("stop"), chunks.usage(3, 1, 2)]
+    for chunk in sent:
+        if chunk is not None:
+            conforms(model, chunk)
+    assert ("usage" in sent[1]) is include_usage and sent[3]["choices"] == []
+    assert sent[3]["usage"]["prompt_tokens_details"] == {"cached_tokens": 2}
+    if api == "chat":
+        assert sent[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert sent[1]["choices"][0]["delta"] == {"content": "Hel"}
+    else:
+        assert sent[0] is None and sent[1]["choices"][0]["text"] == "Hel"
 
 
 def test_usage_view_matches_its_declared_model():

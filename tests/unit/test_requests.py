@@ -67,6 +67,32 @@ def test_fingerprint_tells_bodies_and_apis_apart():
     assert fingerprint(a, "jobs") != fingerprint(a, "completions")
 
 
+HI = [{"role": "user", "content": "hi"}]
+
+
+def test_chat_and_completions_stream_with_their_options():
+    chat = check("chat", messages=HI, stream=True, stream_options={"include_usage": True})
+    assert chat.stream and chat.stream_options.include_usage
+    assert check("completions", prompt="hi", stream=True).stream_options is None
+
+
+@pytest.mark.parametrize("api", ["chat", "completions"])
+def test_stream_options_need_stream_true(api):
+    given = {"messages": HI} if api == "chat" else {"prompt": "hi"}
+    for stream in ({}, {"stream": False}):
+        with pytest.raises(InvalidRequest, match="only allowed when stream is true") as refused:
+            check(api, **given, **stream, stream_options={"include_usage": True})
+        assert refused.value.param == "stream_options"
+
+
+def test_how_an_answer_is_delivered_is_not_part_of_its_idempotency_fingerprint():
+    plain = check("chat", messages=HI, max_tokens=8)
+    streamed = check(
+        "chat", messages=HI, max_tokens=8, stream=True, stream_options={"include_usage": True}
+    )
+    assert fingerprint(plain, "chat") == fingerprint(streamed, "chat")
+
+
 def test_a_jobs_prompt_goes_to_the_model_as_a_user_message():
     job = check(prompt="Name three colours.", max_tokens=8)
     prompt, messages = model_input(job, "jobs")
@@ -98,6 +124,8 @@ def parse_error(body: dict) -> tuple:
         ({"max_completion_tokens": 4.0}, ("max_completion_tokens",)),
         ({"temperature": "1"}, ("temperature",)),
         ({"stream": 0}, ("stream",)),
+        ({"stream_options": {"include_usage": "yes"}}, ("stream_options", "include_usage")),
+        ({"stream_options": True}, ("stream_options",)),
         ({"n": True}, ("n",)),
         ({"seed": 2**63}, ("seed",)),
         ({"seed": -(2**63) - 1}, ("seed",)),

@@ -14,7 +14,7 @@ from tests.integration.helpers import eventually
 from tests.unit.test_engine import engine, tiny
 from tokenmill.events import JobCompleted, JobFailed, JobSubmitted
 from tokenmill.meters import ScriptedMeter
-from tokenmill.worker.serving import EngineFailed, EngineService
+from tokenmill.worker.serving import CANCELLED_BEFORE_OUTPUT, EngineFailed, EngineService
 
 STEP_J = Decimal("0.5")
 
@@ -107,3 +107,34 @@ async def test_a_failing_step_gives_every_job_back_for_a_retry(serving, monkeypa
     with pytest.raises(EngineFailed, match="a bug in a step"):
         await serving.run(job("unlucky", "hello"))
     assert not serving.holds("unlucky") and not serving.engine.has_work
+
+
+async def test_a_stopped_job_ends_cancelled_with_the_tokens_it_made(serving, monkeypatch):
+    monkeypatch.setattr(serving.engine.runner, "eos_token_ids", frozenset())
+    stop = asyncio.Event()
+    running = asyncio.ensure_future(serving.run(job("long", "go", max_tokens=200), stop))
+
+    async def made_tokens() -> bool:
+        return any(len(r.output_ids) >= 3 for r in serving.engine.running)
+
+    await eventually(made_tokens)
+    stop.set()
+    outcome = await running
+    assert isinstance(outcome, JobCompleted) and outcome.finish_reason == "cancelled"
+    assert 3 <= outcome.completion_tokens < 200 and outcome.energy.energy_j > 0
+    assert not serving.engine.has_work and serving.engine.pool.available > 0
+
+
+async def test_a_job_stopped_before_its_first_token_fails_unbilled(serving):
+    stop = asyncio.Event()
+    stop.set()
+    outcome = await serving.run(job("early", "go"), stop)
+    assert isinstance(outcome, JobFailed) and outcome.reason == CANCELLED_BEFORE_OUTPUT
+    assert not serving.holds("early") and not serving.engine.has_work
+
+
+async def test_each_steps_text_goes_to_the_step_hook_before_its_job_resolves(serving):
+    seen: list[str] = []
+    serving.on_step = lambda outputs: seen.extend(o.text_delta for o in outputs)
+    outcome = await serving.run(job("hooked", "hello", max_tokens=12))
+    assert "".join(seen).startswith(outcome.text) and outcome.text

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tokenmill import powercap, service, tokenizer
+from tokenmill import powercap, service, tokenizer, tokenstream
 from tokenmill.intake import (
     admin_customers,
     admin_power,
@@ -23,6 +26,7 @@ from tokenmill.intake import (
     jobs,
     openapi,
     probes,
+    streaming,
     views,
 )
 from tokenmill.intake import usage as usage_view
@@ -41,6 +45,8 @@ from tokenmill.intake.requests import (
 )
 from tokenmill.ledger import invoice_render, invoices
 from tokenmill.settings import Settings
+
+log = logging.getLogger(__name__)
 
 IDEMPOTENCY_KEY_CHARS_MAX = 255
 # Prompts up to this many characters are counted in tokens on the event loop (under about
@@ -138,12 +144,20 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
             app.state.waiter = jobs.CompletionWaiter(runtime.db)
             app.state.tokenizer = await asyncio.to_thread(tokenizer.load, settings)
             app.state.power = powercap.LevelFollower(runtime.redis, settings)
-            async with (
-                app.state.waiter.listening(),
-                app.state.keys.listening(),
-                app.state.power.following(),
-            ):
-                yield
+            app.state.tokens = streaming.TokenFollower(settings)
+            # Cancels sent for streams whose clients hung up, kept until they are done.
+            app.state.hang_ups = set()
+            following = asyncio.create_task(app.state.tokens.run(), name="token-streams")
+            try:
+                async with (
+                    app.state.waiter.listening(),
+                    app.state.keys.listening(),
+                    app.state.power.following(),
+                ):
+                    yield
+            finally:
+                following.cancel()
+                await asyncio.gather(following, *app.state.hang_ups, return_exceptions=True)
 
     app = FastAPI(title="tokenmill intake", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
@@ -228,7 +242,7 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
 
     async def finished(request: Request, who: Customer, row) -> Any:
         row = await request.app.state.waiter.wait(who, row["request_id"], settings.chat_wait_s)
-        if row["status"] == "failed":
+        if row["status"] == "failed" or (row["status"] == "cancelled" and not row["output_text"]):
             raise ApiError(400, "generation_failed", row["error"] or "the job failed")
         if row["status"] != "completed":
             # The job runs and is billed whatever the client does next; a client that retried
@@ -262,7 +276,100 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
         row = await jobs.find(request.app.state.runtime.db, who, job_id)
         if row is None:
             raise ApiError(404, "not_found", f"no job {job_id}")
-        return views.job(row)
+        partial = None
+        if row["status"] == "running":
+            # What it has streamed so far; a Redis that does not answer only hides that.
+            with contextlib.suppress(RedisError):
+                redis = request.app.state.runtime.redis
+                partial = await tokenstream.partial_text(redis, settings, job_id)
+        return views.job(row, partial)
+
+    async def cancel_job(request: Request, who: Customer, job_id: str):
+        """Record the cancel, then signal the workers (again, if it was cancelled before: a
+        signal lost to a Redis failure is sent once more)."""
+        runtime = request.app.state.runtime
+        try:
+            row = await jobs.cancel(runtime.db, who, job_id)
+        except jobs.AlreadyFinished as exc:
+            raise ApiError(
+                409,
+                "job_finished",
+                f"job {job_id} is {exc.row['status']} already; there is nothing to cancel",
+            ) from exc
+        if row is None:
+            raise ApiError(404, "not_found", f"no job {job_id}")
+        if row["status"] == "cancelled" and row["started_at"] is None:
+            # Settled here: the end of its stream comes from here too.
+            end = tokenstream.End(0, "", "cancelled", error=row["error"])
+            async with runtime.redis.pipeline(transaction=False) as pipe:
+                tokenstream.add(pipe, settings, job_id, [end])
+                await pipe.execute()
+        await tokenstream.request_cancel(runtime.redis, settings, job_id)
+        return row
+
+    @app.post("/v1/jobs/{job_id}/cancel")
+    async def cancel(
+        request: Request,
+        job_id: Annotated[str, Path(pattern=JOB_ID_PATTERN)],
+        who: CustomerDep,
+    ) -> dict[str, Any]:
+        return views.job(await cancel_job(request, who, job_id))
+
+    def hang_up(request: Request, who: Customer, job_id: str) -> None:
+        """A streaming client hung up: its job stops as if cancelled (a draining intake, which
+        cuts streams itself, lets the jobs run and bill as a waiting chat's would)."""
+        drain = getattr(request.app.state, "drain", None)
+        if drain is not None and drain.started:
+            return
+        task = asyncio.create_task(stop_hung_up(request, who, job_id))
+        request.app.state.hang_ups.add(task)
+        task.add_done_callback(request.app.state.hang_ups.discard)
+
+    async def stop_hung_up(request: Request, who: Customer, job_id: str) -> None:
+        try:
+            await cancel_job(request, who, job_id)
+        except ApiError:
+            pass  # It finished as the client left: nothing to stop.
+        except Exception:
+            # Nobody awaits this task; the job then runs to its end and bills as usual.
+            log.exception("could not stop %s after its client hung up", job_id)
+
+    async def answer(
+        request: Request, who: Customer, body: GenerationRequest, api: Api, key: str | None
+    ) -> Any:
+        """A chat or text completion: the whole answer once done, or a stream of it."""
+        if not body.stream:
+            row, _ = await accept(request, who, body, api, key)
+            row = await finished(request, who, row)
+            return views.chat_completion(row) if api == "chat" else views.text_completion(row)
+        follower: streaming.TokenFollower = request.app.state.tokens
+        if follower.open >= settings.streams_open_max:
+            raise ApiError(
+                503,
+                "too_many_streams",
+                f"this intake streams {follower.open} answers already; send the request again "
+                "shortly, or with stream=false",
+                headers={"Retry-After": str(settings.outage_retry_after_s)},
+            )
+        row, created = await accept(request, who, body, api, key)
+        job_id = row["request_id"]
+
+        async def read_record():
+            return await jobs.find(request.app.state.runtime.db, who, job_id)
+
+        options = body.stream_options
+        answer = streaming.Answer(
+            row,
+            include_usage=options is not None and options.include_usage,
+            read_record=read_record,
+            # Only the request that made the job stops it; a replay that hangs up does not.
+            on_hang_up=(lambda: hang_up(request, who, job_id)) if created else None,
+        )
+        return StreamingResponse(
+            streaming.events(answer, follower, settings.chat_wait_s),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     @app.get("/v1/jobs/{job_id}/events")
     async def get_job_events(
@@ -278,16 +385,14 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=JsonBody)
     async def chat_completions(
         request: Request, body: GenerationRequest, who: CustomerDep, key: IdempotencyKey = None
-    ) -> dict[str, Any]:
-        row, _ = await accept(request, who, body, "chat", key)
-        return views.chat_completion(await finished(request, who, row))
+    ) -> Any:
+        return await answer(request, who, body, "chat", key)
 
     @app.post("/v1/completions", dependencies=JsonBody)
     async def completions(
         request: Request, body: GenerationRequest, who: CustomerDep, key: IdempotencyKey = None
-    ) -> dict[str, Any]:
-        row, _ = await accept(request, who, body, "completions", key)
-        return views.text_completion(await finished(request, who, row))
+    ) -> Any:
+        return await answer(request, who, body, "completions", key)
 
     @app.get("/v1/models")
     async def models(who: CustomerDep) -> dict[str, Any]:

@@ -31,6 +31,18 @@ class IdempotencyConflict(Exception):
     """The idempotency key was used before with a different request body."""
 
 
+class AlreadyFinished(Exception):
+    """The job to cancel completed or failed already."""
+
+    def __init__(self, row: asyncpg.Record):
+        super().__init__(row["request_id"])
+        self.row = row
+
+
+# Why a job cancelled while queued never ran (its record's error).
+CANCELLED_QUEUED = "cancelled before it started"
+
+
 async def submit(
     pool: asyncpg.Pool,
     streams: Streams,
@@ -252,13 +264,15 @@ async def mark_started(conn: asyncpg.Connection, event: JobStarted) -> None:
 # re-run that the streams delivered in a different order to the intake and the ledger, and
 # afterwards output, usage and bill all refer to the same completion.
 _SHOW_COMPLETION_SQL = """
-UPDATE intake.requests r SET status = 'completed',
+UPDATE intake.requests r SET
+    status = CASE WHEN c.finish_reason = 'cancelled' THEN 'cancelled' ELSE 'completed' END,
     started_at = coalesce(r.started_at, r.submitted_at), completion_event_id = $1,
     completed_at = c.completed_at, output_text = c.output_text,
     finish_reason = c.finish_reason, prompt_tokens = c.prompt_tokens,
     completion_tokens = c.completion_tokens, queue_ms = c.queue_ms, ttft_ms = c.ttft_ms,
     e2e_ms = c.e2e_ms, energy_j = c.energy_j, meter = c.meter,
-    energy_estimated = c.energy_estimated, error = NULL
+    energy_estimated = c.energy_estimated, cached_prompt_tokens = c.cached_prompt_tokens,
+    error = NULL
 FROM intake.completions c
 WHERE c.completion_event_id = $1 AND r.request_id = c.request_id
   AND r.completion_event_id IS DISTINCT FROM $1
@@ -269,8 +283,8 @@ async def mark_completed(conn: asyncpg.Connection, event: JobCompleted) -> None:
     await conn.execute(
         "INSERT INTO intake.completions (completion_event_id, request_id, completed_at, "
         "output_text, finish_reason, prompt_tokens, completion_tokens, queue_ms, ttft_ms, "
-        "e2e_ms, energy_j, meter, energy_estimated) "
-        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) "
+        "e2e_ms, energy_j, meter, energy_estimated, cached_prompt_tokens) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) "
         "ON CONFLICT (completion_event_id) DO NOTHING",
         event.event_id,
         event.request_id,
@@ -285,6 +299,7 @@ async def mark_completed(conn: asyncpg.Connection, event: JobCompleted) -> None:
         event.energy.energy_j,
         event.energy.meter,
         event.energy.estimated,
+        event.cached_prompt_tokens,
     )
     await _show_completion(conn, event.request_id, event.event_id)
 
@@ -296,8 +311,10 @@ async def _show_completion(conn: asyncpg.Connection, request_id: str, event_id: 
 
 
 async def mark_failed(conn: asyncpg.Connection, event: JobFailed) -> None:
+    # A job whose customer cancelled it ends cancelled, whatever its worker then said.
     await conn.execute(
-        "UPDATE intake.requests SET status = 'failed', completed_at = $2, error = $3 "
+        "UPDATE intake.requests SET completed_at = $2, error = $3, status = CASE "
+        "WHEN cancel_requested_at IS NULL THEN 'failed' ELSE 'cancelled' END "
         "WHERE request_id = $1 AND status IN ('queued', 'running')",
         event.request_id,
         event.occurred_at,
@@ -339,6 +356,44 @@ async def mark_booked(conn: asyncpg.Connection, event: UsageBooked) -> None:
         await _show_completion(conn, event.request_id, event.completion_event_id)
 
 
+async def cancel(pool: asyncpg.Pool, customer: Customer, request_id: str) -> asyncpg.Record | None:
+    """Record the customer's cancel of a job; its row, or None when it has no such job.
+
+    A queued job is settled here at once: status cancelled, its hold released, never billed
+    (the worker that picks it up skips it). A running one is marked, and its worker ends it
+    (see `tokenstream.request_cancel`). Cancelling again changes nothing. Raises
+    AlreadyFinished for a job that completed or failed.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            "SELECT * FROM intake.requests WHERE request_id = $1 AND customer_id = $2 FOR UPDATE",
+            request_id,
+            customer.customer_id,
+        )
+        if row is None or row["status"] == "cancelled" or row["cancel_requested_at"]:
+            return row
+        if row["status"] in ("completed", "failed"):
+            raise AlreadyFinished(row)
+        if row["status"] == "running":
+            return await conn.fetchrow(
+                "UPDATE intake.requests SET cancel_requested_at = now() "
+                "WHERE request_id = $1 RETURNING *",
+                request_id,
+            )
+        cancelled = await conn.fetchrow(
+            "UPDATE intake.requests SET status = 'cancelled', cancel_requested_at = now(), "
+            "completed_at = now(), error = $2, "
+            "hold_state = CASE WHEN hold_state = 'held' THEN 'released' ELSE hold_state END "
+            "WHERE request_id = $1 RETURNING *",
+            request_id,
+            CANCELLED_QUEUED,
+        )
+        if row["hold_state"] == "held":
+            await admission.release(conn, cancelled)
+        await _notify_done(conn, request_id)
+        return cancelled
+
+
 async def _notify_done(conn: asyncpg.Connection, request_id: str) -> None:
     await conn.execute("SELECT pg_notify($1, $2)", JOB_DONE_CHANNEL, request_id)
 
@@ -375,7 +430,7 @@ class CompletionWaiter:
                 row = await find(self._pool, customer, request_id)
                 assert row is not None, request_id
                 remaining_s = deadline - loop.time()
-                if row["status"] in ("completed", "failed") or remaining_s <= 0:
+                if row["status"] in ("completed", "failed", "cancelled") or remaining_s <= 0:
                     return row
                 wake.clear()
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation

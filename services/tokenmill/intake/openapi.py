@@ -35,7 +35,8 @@ BEARER = HTTPBearer(
 
 # Exact decimals travel as strings (see views.money).
 DecimalString = Annotated[str, Field(pattern=r"^-?[0-9]+(\.[0-9]+)?$", examples=["0.000065"])]
-FinishReason = Literal["stop", "length"]
+# "cancelled": the job was cancelled (or its streaming client hung up) after its first token.
+FinishReason = Literal["stop", "length", "cancelled"]
 
 
 class _Closed(BaseModel):
@@ -48,6 +49,17 @@ class TokenUsage(_Closed):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+
+class PromptTokensDetails(_Closed):
+    cached_tokens: int = Field(
+        description="Of prompt_tokens, how many came from the prefix cache (billed at the "
+        "cached-input price)."
+    )
+
+
+class OpenAIUsage(TokenUsage):
+    prompt_tokens_details: PromptTokensDetails
 
 
 class JobOutput(_Closed):
@@ -78,12 +90,13 @@ class JobBilling(_Closed):
 
 
 class JobView(_Closed):
-    """A job as its customer sees it; output, timings and energy once it completed, billing
-    once the ledger booked it."""
+    """A job as its customer sees it; output, timings and energy once it completed (a
+    running job's output is the text streamed so far, with no finish reason), billing once the
+    ledger booked it."""
 
     id: str
     object: Literal["job"]
-    status: Literal["queued", "running", "completed", "failed"]
+    status: Literal["queued", "running", "completed", "failed", "cancelled"]
     model: str
     tier: Tier
     region: str
@@ -98,6 +111,7 @@ class JobView(_Closed):
     energy: JobEnergy | None
     billing: JobBilling | None
     error: str | None
+    cancel_requested_at: datetime | None
 
 
 class JobEvent(_Closed):
@@ -137,7 +151,7 @@ class ChatCompletion(_Closed):
     created: int
     model: str
     choices: list[ChatChoice]
-    usage: TokenUsage | None
+    usage: OpenAIUsage | None
 
 
 class TextChoice(_Closed):
@@ -153,7 +167,45 @@ class TextCompletion(_Closed):
     created: int
     model: str
     choices: list[TextChoice]
-    usage: TokenUsage | None
+    usage: OpenAIUsage | None
+
+
+class ChunkDelta(_Closed):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Closed):
+    index: int
+    delta: ChunkDelta
+    logprobs: None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionChunk(_Closed):
+    """One `data:` event of a streamed chat completion (`stream: true`). The first carries the
+    role, the next ones the text, the last choice chunk the finish reason; with
+    `stream_options.include_usage` every chunk has `usage: null` but a final one with no
+    choices and the usage. `data: [DONE]` ends the stream; an error after the stream began comes
+    as `data: {"error": {...}}`."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: OpenAIUsage | None = None
+
+
+class TextCompletionChunk(_Closed):
+    """One `data:` event of a streamed text completion, shaped as ChatCompletionChunk's are."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: OpenAIUsage | None = None
 
 
 class Model(_Closed):
@@ -365,6 +417,32 @@ class Operation:
 
 
 _LOCATION = {"Location": "Where the job can be read: `/v1/jobs/{id}`."}
+_STREAMS_FULL = (
+    _WHY[503] + " With `stream: true`, also: this intake streams as many answers as it may "
+    "(code `too_many_streams`); nothing was written or queued."
+)
+
+
+def _streamed(chunk: str) -> dict[str, dict[str, Any]]:
+    """The `stream: true` answer: server-sent events, each one's `data` a `chunk` as JSON (or
+    an error, after the stream began), the last one `[DONE]`."""
+    payload = {
+        "anyOf": [{"$ref": f"#/components/schemas/{name}"} for name in (chunk, "OpenAIError")]
+    }
+    event = {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "type": "string",
+                "if": {"const": "[DONE]"},
+                "else": {"contentMediaType": "application/json", "contentSchema": payload},
+            }
+        },
+    }
+    return {"text/event-stream": {"schema": event}}
+
+
 # Any /v1 request can meet a draining intake (503, or 504 past the drain's time) or an
 # outage of the storage (503).
 _UNAVAILABLE = (503, 504)
@@ -389,14 +467,28 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "problem",
         (400, 401, 403, 404, *_UNAVAILABLE),
     ),
+    ("post", "/v1/jobs/{job_id}/cancel"): Operation(
+        {200: Answer("The job, cancelled or being cancelled.", JobView)},
+        "problem",
+        (400, 401, 403, 404, 409, *_UNAVAILABLE),
+        why={
+            404: "No job by that id for this key's customer.",
+            409: "The job completed or failed already: there is nothing to cancel.",
+        },
+    ),
     ("post", "/v1/chat/completions"): Operation(
-        {200: Answer("The completion.", ChatCompletion)}, "openai", _BODY_ERRORS, "chat"
+        {200: Answer("The completion.", ChatCompletion, also=_streamed("ChatCompletionChunk"))},
+        "openai",
+        _BODY_ERRORS,
+        "chat",
+        why={503: _STREAMS_FULL},
     ),
     ("post", "/v1/completions"): Operation(
-        {200: Answer("The completion.", TextCompletion)},
+        {200: Answer("The completion.", TextCompletion, also=_streamed("TextCompletionChunk"))},
         "openai",
         _BODY_ERRORS,
         "completions",
+        why={503: _STREAMS_FULL},
     ),
     ("get", "/v1/models"): Operation(
         {200: Answer("The models served.", ModelList)}, "openai", (401, 403, *_UNAVAILABLE)
@@ -458,6 +550,8 @@ _MODELS: list[type[BaseModel]] = [
     JobEventList,
     ChatCompletion,
     TextCompletion,
+    ChatCompletionChunk,
+    TextCompletionChunk,
     ModelList,
     UsageReport,
     InvoiceList,
@@ -582,20 +676,34 @@ def _request_schema(base: dict[str, Any], api: Api, settings: Settings) -> dict[
             ]
         },
         n={"const": 1, "description": "Only one choice per request is supported."},
-        stream={"const": False, "description": "Streaming is not supported yet."},
+        stream={
+            "type": "boolean",
+            "description": "Answer as server-sent events (OpenAI's chunks) as tokens come.",
+        }
+        if api != "jobs"
+        else {"const": False, "description": "A job is followed at /v1/jobs/{id}."},
     )
+    # stream_options only with stream: true.
+    only_streamed = {
+        "anyOf": [
+            {"not": {"required": ["stream_options"]}},
+            {"properties": {"stream_options": {"type": "null"}}},
+            {"required": ["stream"], "properties": {"stream": {"const": True}}},
+        ]
+    }
     one_token_budget = {"not": {"required": ["max_tokens", "max_completion_tokens"]}}
     if api == "chat":
         del properties["prompt"]
         schema["required"] = ["messages"]
-        schema["allOf"] = [one_token_budget]
+        schema["allOf"] = [one_token_budget, only_streamed]
     elif api == "completions":
         del properties["messages"]
         schema["required"] = ["prompt"]
-        schema["allOf"] = [one_token_budget]
+        schema["allOf"] = [one_token_budget, only_streamed]
     else:
         # Exactly one of prompt or messages, and a token budget under one of its names.
         schema["allOf"] = [
+            only_streamed,
             {"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]},
             {
                 "oneOf": [

@@ -72,6 +72,15 @@ class Message(BaseModel):
         return ChatMessage(role=self.role, content=self.content)
 
 
+class StreamOptions(BaseModel):
+    """OpenAI's stream_options; fields we do not use are ignored, as at the top level."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    # A last chunk with the usage (prompt, completion and cached tokens), after the choices.
+    include_usage: StrictBool = False
+
+
 class GenerationRequest(BaseModel):
     """The body of POST /v1/jobs, /v1/completions and /v1/chat/completions.
 
@@ -96,12 +105,19 @@ class GenerationRequest(BaseModel):
     seed: StrictInt | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     n: StrictInt = 1
     stream: StrictBool = False
+    stream_options: StreamOptions | None = None
 
 
 def validate(request: GenerationRequest, api: Api, settings: Settings) -> GenerationRequest:
     """Refuse what cannot be served, with a message that says which field and why."""
-    if request.stream:
-        raise InvalidRequest("streaming is not supported yet; send stream=false", "stream")
+    if request.stream and api == "jobs":
+        raise InvalidRequest(
+            "a job is not streamed; follow it at /v1/jobs/{id}, or stream from "
+            "/v1/chat/completions or /v1/completions",
+            "stream",
+        )
+    if request.stream_options is not None and not request.stream:
+        raise InvalidRequest("stream_options is only allowed when stream is true", "stream_options")
     if request.n != 1:
         raise InvalidRequest("only n=1 is supported", "n")
     if request.model not in (None, settings.model):
@@ -215,5 +231,7 @@ def model_input(
 
 def fingerprint(request: GenerationRequest, api: Api) -> str:
     """What an idempotency key is bound to: the same key with another body is a client bug."""
-    body = request.model_dump(mode="json", exclude={"stream", "n"})
+    # How the answer is delivered is not part of the request: a streamed job may be replayed
+    # without streaming, and the other way round.
+    body = request.model_dump(mode="json", exclude={"stream", "n", "stream_options"})
     return hashlib.sha256(canonical_json({"api": api, **body}).encode()).hexdigest()

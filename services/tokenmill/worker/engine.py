@@ -172,6 +172,22 @@ class BatchEngine:
         """Stop a request at the start of the next step; it produces no further output."""
         self._cancelled.add(request_id)
 
+    def stop(self, request_id: str) -> Request | None:
+        """End a request now as "cancelled", keeping the tokens it made, and free its blocks;
+        None if the engine does not hold it (it finished already)."""
+        request = self.waiting.remove(request_id)
+        if request is None:
+            request = next((r for r in self.running if r.request_id == request_id), None)
+            if request is None:
+                return None
+            self.running.remove(request)
+        self.pool.release(request.table)
+        request.finish_reason = "cancelled"
+        request.finished_s = time.perf_counter()
+        # It ended before any stop string or EOS (either would have finished it).
+        request.text = self.runner.decode(request.output_ids)
+        return request
+
     def abort_all(self) -> None:
         """Drop every request, waiting or running, and release its blocks (after a failed step,
         whose state cannot be trusted)."""

@@ -16,10 +16,15 @@ from tokenmill.events import Event, JobStarted, JobSubmitted, parse_event, utc_n
 from tokenmill.meters import create_meter
 from tokenmill.settings import Settings
 from tokenmill.streams import Delivery, consume, publish_event
+from tokenmill.worker.cancels import Cancels
+from tokenmill.worker.deltas import DeltaPublisher
 from tokenmill.worker.energy import EnergyAccount, Interval, gauges
 from tokenmill.worker.engine import BatchEngine, EngineConfig
 from tokenmill.worker.model import ModelRunner
 from tokenmill.worker.serving import EngineService, elapsed_ms
+
+# The outcome published for a job its customer cancelled before any worker ran it: never billed.
+CANCELLED_BEFORE_START = "cancelled before it started"
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +124,11 @@ async def wire(rt: service.Runtime):
         ModelRunner.load, settings.model, settings.model_cache_path, settings.device
     )
     engine = await asyncio.to_thread(BatchEngine, runner, engine_config(settings))
-    serving = EngineService(engine, create_meter(settings, runner.device), settings.consumer)
+    deltas = DeltaPublisher(rt.redis, settings)
+    cancels = Cancels(rt.redis, settings)
+    serving = EngineService(
+        engine, create_meter(settings, runner.device), settings.consumer, deltas.on_step
+    )
     log.info(
         "serving %s on %s, metered by %s; KV cache of %d blocks, up to %d jobs in hand",
         runner.name,
@@ -152,13 +161,23 @@ async def wire(rt: service.Runtime):
             raise LeaseLost(f"{event.request_id}: lost the lease on {delivery.entry_id}")
         if serving.holds(event.request_id):
             raise AlreadyInHand(f"{event.request_id} runs here already")
+        with cancels.hold(event.request_id) as stop:
+            if await cancels.requested(event.request_id):
+                # The intake settled the job as cancelled; this outcome completes its record.
+                skipped = serving.failed(event, CANCELLED_BEFORE_START)
+                await publish_event(rt.broker, rt.streams.completions, skipped, rt.signing_keys)
+                return
+            await run_job(event, delivery, stop)
+
+    async def run_job(event: JobSubmitted, delivery: Delivery, stop: asyncio.Event) -> None:
         started = JobStarted(
             **event.envelope_for("worker"),
             worker=settings.consumer,
             queue_ms=elapsed_ms(event.occurred_at, utc_now()),
         )
         await publish_event(rt.broker, rt.streams.progress, started, rt.signing_keys)
-        job = asyncio.ensure_future(serving.run(event))
+        deltas.open(event)
+        job = asyncio.ensure_future(serving.run(event, stop))
         lease_s = settings.claim_idle_ms / 1000
         try:
             owner = await keep_alive_while(job, delivery, lease_s / 3, lease_s)
@@ -166,14 +185,21 @@ async def wire(rt: service.Runtime):
             # The broker gave up waiting (graceful_timeout_s ran out while stopping): abandon
             # the job unpublished; its entry stays pending and another worker claims it.
             job.cancel()
+            deltas.forget(event.request_id)
             raise
         if not owner:
+            deltas.forget(event.request_id)
             await _abandon(job)
             raise LeaseLost(f"{event.request_id}: lost the lease on {delivery.entry_id}")
-        outcome = job.result()
-        # The lease may have been lost since the last renewal; only the owner publishes.
-        if not await delivery.keep_alive():
-            raise LeaseLost(f"{event.request_id}: lost the lease on {delivery.entry_id}")
+        try:
+            outcome = job.result()
+            # The lease may have been lost since the last renewal; only the owner publishes.
+            if not await delivery.keep_alive():
+                raise LeaseLost(f"{event.request_id}: lost the lease on {delivery.entry_id}")
+        except Exception:
+            deltas.forget(event.request_id)
+            raise
+        deltas.finish(event.request_id, outcome)
         await publish_event(rt.broker, rt.streams.completions, outcome, rt.signing_keys)
 
     async def on_give_up(raw: bytes, reason: str) -> None:
@@ -215,4 +241,6 @@ async def wire(rt: service.Runtime):
         health.heartbeat(rt.redis, settings, runner.name, runner.device),
         publish_energy(rt, serving.energy),
         follower.run(),
+        deltas.run(),
+        cancels.follow(),
     ]

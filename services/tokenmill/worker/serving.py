@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -32,6 +33,9 @@ from tokenmill.worker.engine import BatchEngine, Request, StepOutput
 from tokenmill.worker.model import SamplingParams
 
 log = logging.getLogger(__name__)
+
+# Why a job stopped before its first token is not billed: it produced nothing.
+CANCELLED_BEFORE_OUTPUT = "cancelled before it produced a token"
 
 
 def elapsed_ms(start: datetime, end: datetime) -> float:
@@ -72,7 +76,13 @@ class EngineFailed(Exception):
 class EngineService:
     """The engine behind a thread, with at most `capacity` jobs in hand at once."""
 
-    def __init__(self, engine: BatchEngine, meter: Meter, worker: str) -> None:
+    def __init__(
+        self,
+        engine: BatchEngine,
+        meter: Meter,
+        worker: str,
+        on_step: Callable[[list[StepOutput]], None] | None = None,
+    ) -> None:
         self.engine = engine
         self.meter = meter
         self.energy = EnergyAccount(meter)
@@ -83,6 +93,10 @@ class EngineService:
         self._wake = threading.Event()
         self._inbox: deque[_Job] = deque()
         self._cancels: list[str] = []
+        self._stops: list[str] = []
+        # Called on the engine thread with each step's outputs (the streamed text deltas),
+        # before any job of that step is resolved.
+        self.on_step = on_step
         self._jobs: dict[str, _Job] = {}
         self._tier_limits: dict[str, int] | None = None  # For the engine thread to apply.
         self._closed = False
@@ -94,12 +108,18 @@ class EngineService:
         self._wake.set()
         self._thread.join()
 
-    async def run(self, job: JobSubmitted) -> JobCompleted | JobFailed:
+    async def run(
+        self, job: JobSubmitted, stop: asyncio.Event | None = None
+    ) -> JobCompleted | JobFailed:
         """Run `job` to its JobCompleted, or to a JobFailed when the model cannot take it.
 
         Cancelling the caller stops the request within one engine step; nothing is published
-        for it.
+        for it. Setting `stop` (its customer cancelled it) ends it within one engine step with
+        an outcome: a JobCompleted "cancelled" with the tokens it made, or a JobFailed when it
+        made none.
         """
+        if stop is not None and stop.is_set():
+            return self.failed(job, CANCELLED_BEFORE_OUTPUT)
         runner = self.engine.runner
         messages = [m.model_dump() for m in job.messages] if job.messages else None
         try:
@@ -125,7 +145,9 @@ class EngineService:
             self._inbox.append(entry)
         self._wake.set()
         try:
-            return await entry.future
+            if stop is None:
+                return await entry.future
+            return await self._until_stopped(entry, stop)
         except asyncio.CancelledError:
             with self._lock:
                 self._cancels.append(job.request_id)
@@ -137,6 +159,18 @@ class EngineService:
         with self._lock:
             self._tier_limits = dict(running_max)
         self._wake.set()
+
+    async def _until_stopped(self, entry: _Job, stop: asyncio.Event) -> JobCompleted | JobFailed:
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({entry.future, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not entry.future.done():
+                with self._lock:
+                    self._stops.append(entry.job.request_id)
+                self._wake.set()
+            return await entry.future
+        finally:
+            stopping.cancel()
 
     def holds(self, request_id: str) -> bool:
         with self._lock:
@@ -174,6 +208,11 @@ class EngineService:
                 if cancelled is not None:
                     self.energy.unbilled(cancelled.energy_j)
             self._cancels.clear()
+            for request_id in self._stops:
+                entry = self._jobs.pop(request_id, None)
+                if entry is not None:
+                    entry.resolve(self._stopped(entry))
+            self._stops.clear()
             while self._inbox and self.engine.waiting_room > 0:
                 entry = self._inbox.popleft()
                 if entry.job.request_id not in self._jobs:
@@ -203,6 +242,8 @@ class EngineService:
         outputs = self.engine.step()
         duration_s = time.perf_counter() - started_s
         energy_j = self.energy.step_finished(sum(o.step_tokens for o in outputs))
+        if self.on_step is not None:
+            self.on_step(outputs)
         with self._lock:
             self._split(outputs, energy_j, duration_s)
             for output in outputs:
@@ -237,6 +278,14 @@ class EngineService:
                 entry.loop.call_soon_threadsafe(_set_exception, entry.future, EngineFailed(exc))
             self._jobs.clear()
             self._inbox.clear()
+
+    def _stopped(self, entry: _Job) -> JobCompleted | JobFailed:
+        """The outcome of a job stopped by its customer: what it made so far, billed."""
+        # A job still in the inbox never reached the engine (and is skipped there).
+        request = self.engine.stop(entry.job.request_id) if entry.request is not None else None
+        if request is None or not request.output_ids:
+            return self.failed(entry.job, CANCELLED_BEFORE_OUTPUT)
+        return self._completed(entry, request)
 
     def _completed(self, entry: _Job, request: Request) -> JobCompleted:
         job = entry.job

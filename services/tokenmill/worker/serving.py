@@ -284,6 +284,8 @@ class EngineService:
         # A job still in the inbox never reached the engine (and is skipped there).
         request = self.engine.stop(entry.job.request_id) if entry.request is not None else None
         if request is None or not request.output_ids:
+            # Its prompt's share of energy reaches no completion: overhead, like a cancel's.
+            self.energy.unbilled(entry.energy_j)
             return self.failed(entry.job, CANCELLED_BEFORE_OUTPUT)
         return self._completed(entry, request)
 

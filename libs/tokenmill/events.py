@@ -125,6 +125,28 @@ class JobCompleted(Event):
     tpot_ms: float | None = None
     # Times the batching engine preempted the request (its KV freed, recomputed on resume).
     preemptions: int = 0
+    # The tokens the request had in each engine step it took part in (a prompt chunk counts its
+    # tokens, a decode one), in step order and run-length encoded as (tokens, steps): a request
+    # with a 300-token prompt in two chunks and 40 decodes is ((256, 1), (44, 1), (1, 40)). Each
+    # step's joules were split by these. At most STEP_TOKEN_RUNS_MAX runs: a request past that
+    # (prompt chunks that kept changing size, many preemptions) ends with (0, n), n further steps
+    # not itemized; 0 is never a real count, since a request in a step has at least one token.
+    step_tokens: tuple[tuple[int, int], ...] = ()
+
+
+STEP_TOKEN_RUNS_MAX = 64
+
+
+def add_step_tokens(runs: list[list[int]], tokens: int) -> None:
+    """Count one step of `tokens` into `runs`, the run-length encoding of
+    JobCompleted.step_tokens, keeping it within STEP_TOKEN_RUNS_MAX runs."""
+    assert tokens >= 1, "a request in a step has at least one token"
+    if runs and runs[-1][0] in (tokens, 0):
+        runs[-1][1] += 1
+    elif len(runs) < STEP_TOKEN_RUNS_MAX - 1:
+        runs.append([tokens, 1])
+    else:
+        runs.append([0, 1])  # The cap: every later step is counted here, not itemized.
 
 
 class JobFailed(Event):

@@ -219,6 +219,12 @@ class Settings:
     invoices_list_max: int = 1000
     report_groups_max: int = 1000
     usage_groups_max: int = 1000
+    # The worker's Prometheus metrics (tokenmill/worker/metrics.py) on http_host at this port;
+    # 0 serves none. `up --workers N` gives worker i (from 1) this port + i - 1.
+    worker_metrics_port: int = 0
+    # The inference engine a worker runs: "tokenmill" (the built-in batching engine, any host)
+    # or "vllm" (tokenmill/worker/vllm_engine.py: vLLM, when it is installed on a GPU host).
+    engine: str = "tokenmill"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:

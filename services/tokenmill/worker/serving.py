@@ -23,10 +23,18 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 
-from tokenmill.events import EnergyReading, JobCompleted, JobFailed, JobSubmitted, utc_now
+from tokenmill.events import (
+    EnergyReading,
+    JobCompleted,
+    JobFailed,
+    JobSubmitted,
+    add_step_tokens,
+    utc_now,
+)
 from tokenmill.meters import Meter
 from tokenmill.money import to_decimal
 from tokenmill.worker.engine import BatchEngine, Request, StepOutput
+from tokenmill.worker.metrics import WorkerMetrics
 from tokenmill.worker.model import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -48,6 +56,7 @@ class _Job:
     energy_j: Decimal = Decimal(0)
     compute_s: float = 0.0
     request: Request | None = field(default=None, repr=False)
+    step_runs: list[list[int]] = field(default_factory=list)  # JobCompleted.step_tokens.
 
     def resolve(self, outcome: JobCompleted | JobFailed) -> None:
         self.loop.call_soon_threadsafe(_set_result, self.future, outcome)
@@ -70,8 +79,11 @@ class EngineFailed(Exception):
 class EngineService:
     """The engine behind a thread, with at most `capacity` jobs in hand at once."""
 
-    def __init__(self, engine: BatchEngine, meter: Meter, worker: str) -> None:
+    def __init__(
+        self, engine: BatchEngine, meter: Meter, worker: str, metrics: WorkerMetrics | None = None
+    ) -> None:
         self.engine = engine
+        self.metrics = metrics if metrics is not None else WorkerMetrics(engine)
         self.meter = meter
         self.worker = worker
         config = engine.config
@@ -191,11 +203,18 @@ class EngineService:
         assert energy_j >= 0, "meters count up"
         with self._lock:
             self._split(outputs, energy_j, duration_s)
+            self.metrics.on_step(outputs, self._tier_of)
             for output in outputs:
                 if output.finished is not None:
                     entry = self._jobs.pop(output.request_id, None)
                     if entry is not None:
-                        entry.resolve(self._completed(entry, output.finished))
+                        completed = self._completed(entry, output.finished)
+                        self.metrics.on_completed(completed)
+                        entry.resolve(completed)
+
+    def _tier_of(self, request_id: str) -> str | None:
+        entry = self._jobs.get(request_id)
+        return None if entry is None else entry.job.tier
 
     def _split(self, outputs: list[StepOutput], energy_j: Decimal, duration_s: float) -> None:
         tokens = sum(o.step_tokens for o in outputs)
@@ -210,6 +229,7 @@ class EngineService:
             if entry is not None:
                 entry.energy_j += share_j
                 entry.compute_s += duration_s * output.step_tokens / tokens
+                add_step_tokens(entry.step_runs, output.step_tokens)
 
     def _give_back_all(self, exc: Exception) -> None:
         with self._lock:
@@ -260,4 +280,5 @@ class EngineService:
             ),
             tpot_ms=tpot_ms,
             preemptions=request.preemptions,
+            step_tokens=tuple((tokens, steps) for tokens, steps in entry.step_runs),
         )

@@ -137,18 +137,6 @@ class JobCompleted(Event):
 STEP_TOKEN_RUNS_MAX = 64
 
 
-def add_step_tokens(runs: list[list[int]], tokens: int) -> None:
-    """Count one step of `tokens` into `runs`, the run-length encoding of
-    JobCompleted.step_tokens, keeping it within STEP_TOKEN_RUNS_MAX runs."""
-    assert tokens >= 1, "a request in a step has at least one token"
-    if runs and runs[-1][0] in (tokens, 0):
-        runs[-1][1] += 1
-    elif len(runs) < STEP_TOKEN_RUNS_MAX - 1:
-        runs.append([tokens, 1])
-    else:
-        runs.append([0, 1])  # The cap: every later step is counted here, not itemized.
-
-
 class JobFailed(Event):
     """A job that cannot succeed (bad prompt for this model, for example). Never billed."""
 

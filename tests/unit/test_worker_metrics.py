@@ -14,10 +14,10 @@ from tests.e2e.factory import free_port
 from tests.unit.test_engine import engine, tiny
 from tests.unit.test_serving import STEP_J, job
 from tokenmill.cli import process_settings
-from tokenmill.events import STEP_TOKEN_RUNS_MAX, JobCompleted, add_step_tokens
+from tokenmill.events import STEP_TOKEN_RUNS_MAX, JobCompleted
 from tokenmill.meters import ScriptedMeter
 from tokenmill.settings import Settings
-from tokenmill.worker.metrics import WorkerMetrics
+from tokenmill.worker.metrics import WorkerMetrics, add_step_tokens
 from tokenmill.worker.serving import EngineService
 
 

@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from tokenmill.events import JobCompleted
+from tokenmill.events import STEP_TOKEN_RUNS_MAX, JobCompleted
 from tokenmill.worker.engine import BatchEngine, StepOutput
 
 PREFIX = "tokenmill:"
@@ -155,3 +155,15 @@ class _EngineCollector(Collector):
             family = CounterMetricFamily(PREFIX + name, documentation, labels=labels)
             family.add_metric(values, value)
             yield family
+
+
+def add_step_tokens(runs: list[list[int]], tokens: int) -> None:
+    """Count one step of `tokens` into `runs`, the run-length encoding of
+    JobCompleted.step_tokens, keeping it within STEP_TOKEN_RUNS_MAX runs."""
+    assert tokens >= 1, "a request in a step has at least one token"
+    if runs and runs[-1][0] in (tokens, 0):
+        runs[-1][1] += 1
+    elif len(runs) < STEP_TOKEN_RUNS_MAX - 1:
+        runs.append([tokens, 1])
+    else:
+        runs.append([0, 1])  # The cap: every later step is counted here, not itemized.

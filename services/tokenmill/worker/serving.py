@@ -23,18 +23,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 
-from tokenmill.events import (
-    EnergyReading,
-    JobCompleted,
-    JobFailed,
-    JobSubmitted,
-    add_step_tokens,
-    utc_now,
-)
+from tokenmill.events import EnergyReading, JobCompleted, JobFailed, JobSubmitted, utc_now
 from tokenmill.meters import Meter
 from tokenmill.money import to_decimal
 from tokenmill.worker.engine import BatchEngine, Request, StepOutput
-from tokenmill.worker.metrics import WorkerMetrics
+from tokenmill.worker.metrics import WorkerMetrics, add_step_tokens
 from tokenmill.worker.model import SamplingParams
 
 log = logging.getLogger(__name__)

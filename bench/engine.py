@@ -203,12 +203,15 @@ def run_engine(
     return result
 
 
+STEP_TOKENS_MAX = [_SETTINGS.engine_step_tokens_max]  # --step-tokens sets it for every engine.
+
+
 def new_engine(runner: ModelRunner, **overrides) -> BatchEngine:
     # The worker's defaults (Settings), with the KV cache large enough for every part.
     config = dict(
         kv_cache_bytes=_SETTINGS.engine_kv_cache_mib << 20,
         block_size=_SETTINGS.engine_block_size,
-        step_tokens_max=_SETTINGS.engine_step_tokens_max,
+        step_tokens_max=STEP_TOKENS_MAX[0],
         running_max=_SETTINGS.engine_running_max,
         waiting_max=_SETTINGS.engine_waiting_max,
     )
@@ -388,13 +391,14 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    STEP_TOKENS_MAX[0] = args.step_tokens
     runner = ModelRunner.load(args.model, Path(args.model_cache))
     params = SamplingParams(max_tokens=args.output_tokens)
     print(
         f"{runner.name} on {runner.device}, {torch.get_num_threads()} torch threads, greedy, "
         f"seed {args.seed}, prompts of about {args.input_tokens} tokens, up to "
-        f"{args.output_tokens} output tokens; TTFT/TPOT in ms; goodput in requests/s meeting "
-        f"{TIER_SLOS} (TTFT ms, TPOT ms)"
+        f"{args.output_tokens} output tokens, {args.step_tokens} tokens a step; TTFT/TPOT in "
+        f"ms; goodput in requests/s meeting {TIER_SLOS} (TTFT ms, TPOT ms)"
     )
     run_engine(new_engine(runner), prompts(runner, 2), SamplingParams(max_tokens=2), 2)  # Warm.
     for part in args.parts:
@@ -429,6 +433,9 @@ def parse_args() -> argparse.Namespace:
     # On a shared host, one intra-op thread per process often beats two that wait on each
     # other; 0 keeps torch's default.
     parser.add_argument("--threads", type=int, default=0)
+    # The engine's token budget per step (TOKENMILL_ENGINE_STEP_TOKENS_MAX): a smaller one
+    # bounds how long a step runs, which a newly arrived premium request waits out.
+    parser.add_argument("--step-tokens", type=int, default=_SETTINGS.engine_step_tokens_max)
     args = parser.parse_args()
     if min(args.concurrency) < 1 or args.output_tokens < 1 or args.baseline_requests < 1:
         parser.error("concurrency, output tokens and baseline requests must be at least 1")

@@ -170,7 +170,13 @@ class Settings:
     # (1 on, 0 off) reuses the KV of prompt prefixes seen before.
     engine_kv_cache_mib: int = 256
     engine_block_size: int = 16
-    engine_step_tokens_max: int = 256
+    # A premium request that arrives waits out the step in progress and then shares a step with
+    # every running decode, so the step's length bounds its time to first token. On a CPU a
+    # step costs about its tokens: 64 (32 decodes and a prompt chunk) kept premium TTFT p99
+    # under a free-tier flood within 1.3x of an idle worker's, where 256 gave 5.6x, at the same
+    # throughput (bench/engine.py). On a GPU, where a step's cost hardly grows with its tokens,
+    # raise it (vLLM uses 2048 and more).
+    engine_step_tokens_max: int = 64
     engine_running_max: int = 32
     engine_waiting_max: int = 32
     engine_prefix_caching: int = 1

@@ -59,7 +59,10 @@ bench-admission: install
 # their postings) beside a raw COPY of as many usage rows; see bench/books.py.
 bench-books: install
 	$(BIN)/python -m bench.books
-# Output tokens/s of the batching engine at concurrency 1, 4 and 16 beside the one-at-a-time path.
+# The batching engine like `vllm bench serve` (tokens/s, TTFT/TPOT percentiles, goodput) at 1, 8
+# and 32 concurrent requests beside transformers.generate one at a time and as a static batch;
+# then a 512-token shared prefix with prefix caching off and on, and tiered QoS under a free-tier
+# flood. One part alone: python -m bench.engine --parts throughput|prefix|qos.
 bench-engine: install
 	$(BIN)/python -m bench.engine
 # Seals a 1,000,000-event log (written with COPY into a throwaway database) into the hash chain

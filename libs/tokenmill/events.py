@@ -129,6 +129,16 @@ class JobCompleted(Event):
     tpot_ms: float | None = None
     # Times the batching engine preempted the request (its KV freed, recomputed on resume).
     preemptions: int = 0
+    # The tokens the request had in each engine step it took part in (a prompt chunk counts its
+    # tokens, a decode one), in step order and run-length encoded as (tokens, steps): a 300-token
+    # prompt in chunks of 256 and 44, then 40 decodes, is ((256, 1), (44, 1), (1, 40)). Each
+    # step's joules were split by these. At most STEP_TOKEN_RUNS_MAX runs: a request past that
+    # (prompt chunks that kept changing size, many preemptions) ends with (0, n), n further steps
+    # not itemized; 0 is never a real count, since a request in a step has at least one token.
+    step_tokens: tuple[tuple[int, int], ...] = ()
+
+
+STEP_TOKEN_RUNS_MAX = 64
 
 
 class JobFailed(Event):

@@ -176,7 +176,13 @@ class Settings:
     # (1 on, 0 off) reuses the KV of prompt prefixes seen before.
     engine_kv_cache_mib: int = 256
     engine_block_size: int = 16
-    engine_step_tokens_max: int = 256
+    # A premium request that arrives waits out the step in progress and then shares a step with
+    # every running decode, so the step's length bounds its time to first token. On a CPU a
+    # step costs about its tokens: 64 (32 decodes and a prompt chunk) kept premium TTFT p99
+    # under a free-tier flood within 1.3x of an idle worker's, where 256 gave 5.6x, at the same
+    # throughput (bench/engine.py). On a GPU, where a step's cost hardly grows with its tokens,
+    # raise it (vLLM uses 2048 and more).
+    engine_step_tokens_max: int = 64
     engine_running_max: int = 32
     engine_waiting_max: int = 32
     engine_prefix_caching: int = 1
@@ -263,6 +269,12 @@ class Settings:
     cancel_keep_s: float = 86_400.0
     cancel_stream_entries_max: int = 10_000
     streams_open_max: int = 1000
+    # The worker's Prometheus metrics (tokenmill/worker/metrics.py) on http_host at this port;
+    # 0 serves none. `up --workers N` gives worker i (from 1) this port + i - 1.
+    worker_metrics_port: int = 0
+    # The inference engine a worker runs: "tokenmill" (the built-in batching engine, any host)
+    # or "vllm" (tokenmill/worker/vllm_engine.py: vLLM, when it is installed on a GPU host).
+    engine: str = "tokenmill"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:

@@ -157,7 +157,19 @@ async def prepare(settings: Settings) -> str | None:
     return await default_customer_key(settings)
 
 
+def process_settings(process: str, settings: Settings) -> Settings:
+    """The settings of one process of `up`: worker i (from 1) serves its metrics on the
+    configured port + i - 1, so that several workers on one host never share a port."""
+    if service_of(process) != "worker" or not settings.worker_metrics_port:
+        return settings
+    index = int(process.split("-", 1)[1]) if "-" in process else 1
+    return dataclasses.replace(
+        settings, worker_metrics_port=settings.worker_metrics_port + index - 1
+    )
+
+
 def spawn(process: str, settings: Settings) -> subprocess.Popen:
+    settings = process_settings(process, settings)
     # Each service names its own consumer (host and pid), so a restarted worker is never taken
     # for the dead one it replaces when a lease's owner is checked.
     env = {**os.environ, **settings.to_env()}

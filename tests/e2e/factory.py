@@ -32,7 +32,8 @@ class Factory:
         env.pop("TOKENMILL_CONSUMER")  # Each process names itself, as in production.
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         self.processes[name] = subprocess.Popen(
-            [sys.executable, "-m", "tokenmill.cli", "serve", name],
+            # "worker-2" is a second worker, as `tokenmill up --workers N` names them.
+            [sys.executable, "-m", "tokenmill.cli", "serve", name.split("-", 1)[0]],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -19,6 +19,11 @@ from tokenmill.worker.serving import CANCELLED_BEFORE_OUTPUT, EngineFailed, Engi
 STEP_J = Decimal("0.5")
 
 
+def step_meter() -> ScriptedMeter:
+    """One watt on a clock that moves half a second per reading: each reading counts STEP_J."""
+    return ScriptedMeter([(0.0, 1.0)], clock=itertools.count(0, float(STEP_J)).__next__)
+
+
 def job(request_id: str, prompt: str, max_tokens: int = 8, **fields) -> JobSubmitted:
     return JobSubmitted(
         producer="test",
@@ -45,9 +50,7 @@ def serving():
         return outputs
 
     eng.step = counted
-    # One watt on a clock that moves half a second per reading: each reading counts STEP_J.
-    meter = ScriptedMeter([(0.0, 1.0)], clock=itertools.count(0, float(STEP_J)).__next__)
-    service = EngineService(eng, meter, "worker-test")
+    service = EngineService(eng, step_meter(), "worker-test")
     service.steps = steps
     yield service
     service.close()

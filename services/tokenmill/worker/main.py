@@ -20,6 +20,7 @@ from tokenmill.worker.cancels import Cancels
 from tokenmill.worker.deltas import DeltaPublisher
 from tokenmill.worker.energy import EnergyAccount, Interval, gauges
 from tokenmill.worker.engine import BatchEngine, EngineConfig
+from tokenmill.worker.metrics import WorkerMetrics
 from tokenmill.worker.model import ModelRunner
 from tokenmill.worker.serving import EngineService, elapsed_ms
 
@@ -116,19 +117,41 @@ def engine_config(settings: Settings) -> EngineConfig:
     )
 
 
+def build_engine(settings: Settings) -> BatchEngine:
+    """The engine `settings.engine` names, with its model loaded."""
+    if settings.engine == "vllm":
+        from tokenmill.worker.vllm_engine import VllmEngine
+
+        return VllmEngine.load(settings)  # type: ignore[return-value]  # Same interface.
+    if settings.engine != "tokenmill":
+        raise ValueError(
+            f"TOKENMILL_ENGINE is {settings.engine!r}; it must be 'tokenmill' or 'vllm'"
+        )
+    runner = ModelRunner.load(settings.model, settings.model_cache_path, settings.device)
+    return BatchEngine(runner, engine_config(settings))
+
+
 async def wire(rt: service.Runtime):
     settings = rt.settings
     if settings.engine_torch_threads > 0:
         torch.set_num_threads(settings.engine_torch_threads)
-    runner = await asyncio.to_thread(
-        ModelRunner.load, settings.model, settings.model_cache_path, settings.device
-    )
-    engine = await asyncio.to_thread(BatchEngine, runner, engine_config(settings))
+    engine = await asyncio.to_thread(build_engine, settings)
+    runner = engine.runner
+    metrics = WorkerMetrics(engine)
     deltas = DeltaPublisher(rt.redis, settings)
     cancels = Cancels(rt.redis, settings)
     serving = EngineService(
-        engine, create_meter(settings, runner.device), settings.consumer, deltas.on_step
+        engine,
+        create_meter(settings, runner.device),
+        settings.consumer,
+        on_step=deltas.on_step,
+        metrics=metrics,
     )
+    if settings.worker_metrics_port:
+        metrics.serve(settings.http_host, settings.worker_metrics_port)
+        log.info(
+            "metrics on http://%s:%d/metrics", settings.http_host, settings.worker_metrics_port
+        )
     log.info(
         "serving %s on %s, metered by %s; KV cache of %d blocks, up to %d jobs in hand",
         runner.name,

@@ -30,6 +30,7 @@ from tokenmill.meters import Meter
 from tokenmill.money import joules_per_token, to_decimal
 from tokenmill.worker.energy import EnergyAccount
 from tokenmill.worker.engine import BatchEngine, Request, StepOutput
+from tokenmill.worker.metrics import WorkerMetrics, add_step_tokens
 from tokenmill.worker.model import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class _Job:
     energy_j: Decimal = Decimal(0)
     compute_s: float = 0.0
     request: Request | None = field(default=None, repr=False)
+    step_runs: list[list[int]] = field(default_factory=list)  # JobCompleted.step_tokens.
 
     def resolve(self, outcome: JobCompleted | JobFailed) -> None:
         self.loop.call_soon_threadsafe(_set_result, self.future, outcome)
@@ -82,8 +84,10 @@ class EngineService:
         meter: Meter,
         worker: str,
         on_step: Callable[[list[StepOutput]], None] | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.engine = engine
+        self.metrics = metrics if metrics is not None else WorkerMetrics(engine)
         self.meter = meter
         self.energy = EnergyAccount(meter)
         self.worker = worker
@@ -246,11 +250,18 @@ class EngineService:
             self.on_step(outputs)
         with self._lock:
             self._split(outputs, energy_j, duration_s)
+            self.metrics.on_step(outputs, self._tier_of)
             for output in outputs:
                 if output.finished is not None:
                     entry = self._jobs.pop(output.request_id, None)
                     if entry is not None:
-                        entry.resolve(self._completed(entry, output.finished))
+                        completed = self._completed(entry, output.finished)
+                        self.metrics.on_completed(completed)
+                        entry.resolve(completed)
+
+    def _tier_of(self, request_id: str) -> str | None:
+        entry = self._jobs.get(request_id)
+        return None if entry is None else entry.job.tier
 
     def _split(self, outputs: list[StepOutput], energy_j: Decimal, duration_s: float) -> None:
         tokens = sum(o.step_tokens for o in outputs)
@@ -267,6 +278,7 @@ class EngineService:
             if entry is not None:
                 entry.energy_j += share_j
                 entry.compute_s += duration_s * output.step_tokens / tokens
+                add_step_tokens(entry.step_runs, output.step_tokens)
             else:
                 self.energy.unbilled(share_j)
 
@@ -335,4 +347,5 @@ class EngineService:
             ),
             tpot_ms=tpot_ms,
             preemptions=request.preemptions,
+            step_tokens=tuple((tokens, steps) for tokens, steps in entry.step_runs),
         )

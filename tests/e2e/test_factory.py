@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Iterator
 from decimal import Decimal
 
@@ -12,11 +11,10 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from tests.e2e.factory import SERVICES, Factory, free_port
+from tests.e2e.factory import Factory, customer_key, running_factory
 from tests.integration.helpers import eventually
 from tokenmill.db import connect
 from tokenmill.intake import admission, customers
-from tokenmill.intake.keys import create_customer, issue_key
 from tokenmill.money import joules_per_token
 from tokenmill.settings import Settings
 from tokenmill.streams import Streams
@@ -26,35 +24,15 @@ JOB_S_MAX = 120.0
 
 @pytest.fixture(scope="module")
 def factory(settings: Settings, tmp_path_factory) -> Iterator[Factory]:
-    factory_settings = dataclasses.replace(
-        settings,
-        stream_prefix=f"{settings.stream_prefix}.e2e",
-        http_port=free_port(),
-        claim_idle_ms=3000,
-        meter="modelled-cpu",
-        power_sample_interval_s=1.0,
-        energy_interval_s=1.0,
-        device="cpu",
-    )
-    running = Factory(factory_settings, tmp_path_factory.mktemp("logs"))
-    for name in SERVICES:
-        running.start(name)
-    try:
-        running.wait_ready()
+    logs = tmp_path_factory.mktemp("logs")
+    overrides = {"power_sample_interval_s": 1.0, "energy_interval_s": 1.0}
+    with running_factory(settings, logs, "e2e", **overrides) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")
 async def api_key(factory: Factory) -> str:
-    conn = await asyncpg.connect(factory.settings.database_url)
-    try:
-        async with conn.transaction():
-            customer = await create_customer(conn, "e2e", "premium", factory.settings.region)
-            return await issue_key(conn, customer.customer_id)
-    finally:
-        await conn.close()
+    return await customer_key(factory, "e2e", "premium")
 
 
 async def job_view(http: httpx.AsyncClient, job_id: str) -> dict:
@@ -124,10 +102,17 @@ async def test_job_goes_from_submit_to_booked(factory: Factory, api_key: str, po
 
 async def test_telemetry_power_windows_reach_the_ledger(factory: Factory, pool: asyncpg.Pool):
     async def sampled() -> bool:
-        return await pool.fetchval("SELECT count(*) FROM ledger.power_samples") >= 2
+        return len(await ours()) >= 2
+
+    async def ours() -> list[asyncpg.Record]:
+        return await pool.fetch(
+            "SELECT * FROM ledger.power_samples WHERE window_start >= $1 "
+            "ORDER BY window_start LIMIT 2",
+            factory.started_at,
+        )
 
     await eventually(sampled)
-    rows = await pool.fetch("SELECT * FROM ledger.power_samples ORDER BY window_start LIMIT 2")
+    rows = await ours()
     # Telemetry models the whole host; the worker's meter only its own process.
     assert all(r["meter"] == "modelled-cpu-host" and r["estimated"] for r in rows)
     assert all(r["energy_j"] > 0 and r["window_end"] > r["window_start"] for r in rows)
@@ -139,10 +124,17 @@ async def test_worker_energy_intervals_are_booked_with_their_idle_energy_as_over
     factory: Factory, pool: asyncpg.Pool
 ):
     async def booked() -> bool:
-        return await pool.fetchval("SELECT count(*) FROM ledger.energy_intervals") >= 2
+        return len(await ours()) >= 2
+
+    async def ours() -> list[asyncpg.Record]:
+        return await pool.fetch(
+            "SELECT * FROM ledger.energy_intervals WHERE interval_start >= $1 "
+            "ORDER BY interval_start",
+            factory.started_at,
+        )
 
     await eventually(booked)
-    rows = await pool.fetch("SELECT * FROM ledger.energy_intervals ORDER BY interval_start")
+    rows = await ours()
     assert all(r["metered_j"] == r["attributed_j"] + r["idle_j"] for r in rows)
     assert all(r["meter"] == "modelled-cpu" and r["device"] == "cpu" for r in rows)
     assert sum(r["idle_j"] for r in rows) > 0

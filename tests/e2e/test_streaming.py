@@ -5,7 +5,6 @@ for what they made, once."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 from collections.abc import Iterator
 from decimal import Decimal
@@ -14,12 +13,11 @@ import asyncpg
 import pytest
 from openai import OpenAI
 
-from tests.e2e.factory import SERVICES, Factory, free_port
+from tests.e2e.factory import Factory, customer_key, running_factory
 from tests.e2e.test_factory import JOB_S_MAX, client, job_view, wait_for
 from tests.integration.helpers import eventually
 from tokenmill.db import connect
 from tokenmill.intake import admission, customers
-from tokenmill.intake.keys import create_customer, issue_key
 from tokenmill.settings import Settings
 
 # Greedy decoding keeps counting far past what any test waits for.
@@ -31,33 +29,13 @@ LONG_MAX_TOKENS = 200
 
 @pytest.fixture(scope="module")
 def factory(settings: Settings, tmp_path_factory) -> Iterator[Factory]:
-    factory_settings = dataclasses.replace(
-        settings,
-        stream_prefix=f"{settings.stream_prefix}.stream",
-        http_port=free_port(),
-        claim_idle_ms=3000,
-        meter="modelled-cpu",
-        device="cpu",
-    )
-    running = Factory(factory_settings, tmp_path_factory.mktemp("logs"))
-    for name in SERVICES:
-        running.start(name)
-    try:
-        running.wait_ready()
+    with running_factory(settings, tmp_path_factory.mktemp("logs"), "stream") as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")
 async def api_key(factory: Factory) -> str:
-    conn = await asyncpg.connect(factory.settings.database_url)
-    try:
-        async with conn.transaction():
-            customer = await create_customer(conn, "streams", "premium", factory.settings.region)
-            return await issue_key(conn, customer.customer_id)
-    finally:
-        await conn.close()
+    return await customer_key(factory, "streams", "premium")
 
 
 def openai_client(factory: Factory, api_key: str) -> OpenAI:

@@ -5,17 +5,15 @@ again from the start, and the ledger books each request once whatever was publis
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Iterator
 
 import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from tests.e2e.factory import SERVICES, Factory, free_port
+from tests.e2e.factory import SERVICES, Factory, customer_key, running_factory
 from tests.e2e.test_factory import client, wait_for
 from tests.integration.helpers import eventually
-from tokenmill.intake.keys import create_customer, issue_key
 from tokenmill.settings import Settings
 from tokenmill.streams import Streams
 
@@ -25,13 +23,7 @@ pytestmark = pytest.mark.slow  # Two models to load and a claim to wait out: 25-
 
 @pytest.fixture(scope="module")
 def two_workers(settings: Settings, tmp_path_factory) -> Iterator[Factory]:
-    factory_settings = dataclasses.replace(
-        settings,
-        stream_prefix=f"{settings.stream_prefix}.e2e2w",
-        http_port=free_port(),
-        claim_idle_ms=3000,
-        meter="modelled-cpu",
-        device="cpu",
+    overrides = dict(
         # Two workers on a shared host: one core each rather than both waiting on both.
         engine_torch_threads=1,
         # Four jobs in hand at most (three running, one waiting): the first worker to read
@@ -41,14 +33,9 @@ def two_workers(settings: Settings, tmp_path_factory) -> Iterator[Factory]:
         # Jobs are submitted once both workers have their model (the intake's /readyz).
         ready_workers_min=2,
     )
-    running = Factory(factory_settings, tmp_path_factory.mktemp("logs"))
-    for name in (*SERVICES, "worker-2"):
-        running.start(name)
-    try:
-        running.wait_ready()
+    logs, services = tmp_path_factory.mktemp("logs"), (*SERVICES, "worker-2")
+    with running_factory(settings, logs, "e2e2w", services, **overrides) as running:
         yield running
-    finally:
-        running.stop()
 
 
 async def holders(factory: Factory) -> dict[str, int]:
@@ -73,13 +60,7 @@ async def test_a_worker_killed_mid_batch_loses_and_double_bills_nothing(
     two_workers: Factory, pool: asyncpg.Pool
 ):
     factory = two_workers
-    conn = await asyncpg.connect(factory.settings.database_url)
-    try:
-        async with conn.transaction():
-            customer = await create_customer(conn, "two", "standard", factory.settings.region)
-            api_key = await issue_key(conn, customer.customer_id)
-    finally:
-        await conn.close()
+    api_key = await customer_key(factory, "two", "standard")
     async with client(factory, api_key) as http:
 
         async def both_ready() -> bool:
@@ -117,7 +98,8 @@ async def test_a_worker_killed_mid_batch_loses_and_double_bills_nothing(
     assert all(r["n"] == 1 for r in billed), [dict(r) for r in billed]
     # Each job's charge is on the customer once: the books agree with the per-request rows.
     charges = await pool.fetchval(
-        "SELECT count(*) FROM ledger.request_usage WHERE customer_id = $1",
-        customer.customer_id,
+        "SELECT count(*) FROM ledger.request_usage WHERE customer_id = "
+        "(SELECT customer_id FROM ledger.request_usage WHERE request_id = $1)",
+        ids[0],
     )
     assert charges == JOBS

@@ -12,6 +12,7 @@ user reaches it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import importlib.util
@@ -346,6 +347,10 @@ def _end_stale(pid: int | None, name: str, signum: int, wait_s: float) -> None:
         return
     except psutil.TimeoutExpired:
         process.kill()
+        # Killed is not yet gone: a new server started now could still find it holding the
+        # data directory's lock.
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.TimeoutExpired):
+            process.wait(timeout=wait_s)
 
 
 def _free_port() -> int:

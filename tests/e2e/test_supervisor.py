@@ -5,6 +5,7 @@ private, and it stops in order."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -232,7 +233,8 @@ def test_a_postgres_left_by_an_earlier_run_does_not_outlive_the_next_clean_exit(
     data_dir = tmp_path / "data"
     migrate = [sys.executable, "-m", "tokenmill.cli", "migrate"]
     env = up_env(data_dir, free_port())
-    subprocess.run(migrate, env=env, check=True, capture_output=True, timeout=COMMAND_S_MAX)
+    run_migrate = functools.partial(_succeeds, migrate, env)
+    run_migrate()
     # What a killed run of an earlier version left: a Postgres daemonized by pg_ctl (so no
     # child of anyone) with pgserver's list of handles naming a process that is gone.
     pgdata = data_dir / "postgres"
@@ -256,9 +258,14 @@ def test_a_postgres_left_by_an_earlier_run_does_not_outlive_the_next_clean_exit(
         **(as_owner if os.geteuid() == 0 else {}),
     )
     leftover = psutil.Process(int((pgdata / "postmaster.pid").read_text().split()[0]))
-    subprocess.run(migrate, env=env, check=True, capture_output=True, timeout=COMMAND_S_MAX)
+    run_migrate()
     assert gone(leftover)
     assert working_in("postgres", pgdata) == []
+
+
+def _succeeds(command: list, env: dict) -> None:
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=COMMAND_S_MAX)
+    assert done.returncode == 0, f"{command} exited {done.returncode}: {done.stderr}"
 
 
 def pgserver_bin() -> Path:

@@ -6,11 +6,12 @@ rewritten after such a change (it then no longer matches the checkpoints signed 
 reported at its position with what went wrong.
 
 Speed is the database read: a chunk's hashes and its events' bodies are read as two range
-scans (one per connection, in parallel on the server), each as one row of arrays, since
-making a Python row object per event cost more than hashing it; the next chunk's queries are
-on the server while this one is hashed. A chunk that is not the usual one (a position or an
-event missing, a hash that does not follow) is read again row by row to find and explain its
-break, so the messages and positions are those of the plain walk.
+scans (one per connection, in parallel on the server), the hashes as one row of arrays (no
+Python row object per event), the bodies as raw UTF-8 bytes, and the chain is checked by
+map() over SHA-256 in C; the next chunk's queries are on the server while this one is
+hashed. A chunk that is not the usual one (a position or an event missing, a hash that does
+not follow) is read again row by row to find and explain its break, so the messages and
+positions are those of the plain walk.
 """
 
 from __future__ import annotations
@@ -39,22 +40,11 @@ _RANGE_SLACK = 4
 # from answering min() and max() by walking the event_seq index from its end until a row of
 # the range turns up, a scan of the whole chain. Nothing when the chunk's seqs are spread over
 # $3 times its length or more.
-_CHUNK_SEQ_RANGE = (
+_EVENTS_IN_SEQ_RANGE = (
     "WITH chunk AS MATERIALIZED (SELECT min(s) AS low, max(s) AS high FROM "
     "(SELECT event_seq AS s FROM ledger.event_chain WHERE position >= $1 AND position < $2 "
     "OFFSET 0) seqs) "
-)
-_EVENTS_IN_SEQ_RANGE = (
-    _CHUNK_SEQ_RANGE
-    + "SELECT e.seq, e.body FROM chunk CROSS JOIN LATERAL (SELECT seq, body FROM ledger.events "
-    "WHERE seq BETWEEN chunk.low AND chunk.high ORDER BY seq) e "
-    "WHERE chunk.high - chunk.low < ($2 - $1) * $3"
-)
-# The same as one row of two arrays (NULLs for nothing): the bodies as bytea, whose elements
-# come back as bytes; convert_to gives each body's UTF-8 bytes, the bytes that were hashed.
-_EVENT_ARRAYS = (
-    _CHUNK_SEQ_RANGE + "SELECT array_agg(e.seq), array_agg(convert_to(e.body, 'UTF8')) "
-    "FROM chunk CROSS JOIN LATERAL (SELECT seq, body FROM ledger.events "
+    "SELECT e.seq, e.body FROM chunk CROSS JOIN LATERAL (SELECT seq, body FROM ledger.events "
     "WHERE seq BETWEEN chunk.low AND chunk.high ORDER BY seq) e "
     "WHERE chunk.high - chunk.low < ($2 - $1) * $3"
 )
@@ -233,7 +223,9 @@ class _Walk:
         """
         return (
             asyncio.create_task(self._chain_conn.fetchrow(_CHAIN_ARRAYS, start, stop)),
-            asyncio.create_task(_event_arrays(self._events_conn, start, stop)),
+            asyncio.create_task(
+                self._events_conn.fetch(_EVENTS_IN_SEQ_RANGE, start, stop, _RANGE_SLACK)
+            ),
         )
 
     @staticmethod
@@ -244,9 +236,9 @@ class _Walk:
         it is the usual one: every position there, and each one's event."""
         (count, seqs, hashes), events = await chain_read, await events_read
         # Positions are unique: as many rows as positions in the range means none is missing.
-        if count != positions or events is None:
+        if count != positions or not events:
             return None
-        event_seqs, bodies = events
+        event_seqs, bodies = [event[0] for event in events], [event[1] for event in events]
         if event_seqs != seqs:
             # Some event sealed out of seq order (a late commit), or gone: pair them by seq.
             bodies = list(map(dict(zip(event_seqs, bodies, strict=True)).get, seqs))
@@ -377,17 +369,6 @@ def _first_break(
     hashes = [row[2] for row in rows[:present]]
     broken = _first_unchained(hashes, bodies[:present], prev_hash)
     return present if broken is None and present < len(rows) else broken
-
-
-async def _event_arrays(
-    conn: asyncpg.Connection, start: int, stop: int
-) -> tuple[list[int], list[bytes]] | None:
-    """(seqs, bodies) of the events in the seq range of positions [start, stop), or None."""
-    try:
-        seqs, bodies = await conn.fetchrow(_EVENT_ARRAYS, start, stop, _RANGE_SLACK)
-    except asyncpg.ProgramLimitExceededError:  # Over a gigabyte of bodies: read row by row.
-        return None
-    return None if seqs is None else (seqs, bodies)
 
 
 def _hashes_if_chained(

@@ -90,12 +90,7 @@ class Consumer:
         self.redis, self.settings, self.stream, self.group = redis, settings, stream, group
         self.handler, self.count = handler, count
         self.keys = SigningKeys.parse(settings.signing_keys)
-        self.backoff = OutageBackoff(
-            f"{group} on {stream}",
-            settings.outage_backoff_s_min,
-            settings.outage_backoff_s_max,
-            settings.outage_log_interval_s,
-        )
+        self.backoff = OutageBackoff.configured(f"{group} on {stream}", settings)
         self.claim_cursor = "0-0"
 
     async def read(self) -> None:

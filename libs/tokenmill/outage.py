@@ -17,6 +17,8 @@ import asyncpg
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from tokenmill.settings import Settings
+
 log = logging.getLogger(__name__)
 
 # Connection-level failures of our storage. Query errors (a constraint, a syntax error, a
@@ -70,6 +72,17 @@ class OutageBackoff:
     delay_s: float = 0.0
     held: int = 0
     logged_s: float = 0.0
+
+    @classmethod
+    def configured(cls, consumer: str, settings: Settings) -> OutageBackoff:
+        """The deployment's pacing: outage_backoff_s_min to _max, a reminder every
+        outage_log_interval_s."""
+        return cls(
+            consumer,
+            settings.outage_backoff_s_min,
+            settings.outage_backoff_s_max,
+            settings.outage_log_interval_s,
+        )
 
     async def failed(self, exc: BaseException) -> None:
         """Record an attempt lost to the outage, then pause before the consumer goes on."""

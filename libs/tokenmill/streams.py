@@ -277,12 +277,7 @@ def consume(
     """
     records = max_records or settings.read_batch_max
     keys = SigningKeys.parse(settings.signing_keys)
-    backoff = OutageBackoff(
-        f"{group} on {stream}",
-        settings.outage_backoff_s_min,
-        settings.outage_backoff_s_max,
-        settings.outage_log_interval_s,
-    )
+    backoff = OutageBackoff.configured(f"{group} on {stream}", settings)
 
     async def deliver(msg: RedisStreamMessage, delivery: Delivery) -> None:
         await _deliver(msg, delivery, handler, keys, backoff)

@@ -79,12 +79,7 @@ class TokenFollower:
             del self._follows[key]
 
     async def run(self) -> None:
-        backoff = OutageBackoff(
-            "token streams",
-            self.settings.outage_backoff_s_min,
-            self.settings.outage_backoff_s_max,
-            self.settings.outage_log_interval_s,
-        )
+        backoff = OutageBackoff.configured("token streams", self.settings)
         try:
             while True:
                 if not self._follows:

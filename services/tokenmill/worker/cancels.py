@@ -54,12 +54,7 @@ class Cancels:
     async def follow(self) -> None:
         """Read the cancel stream from now on, until cancelled; stop each job it names."""
         key = tokenstream.cancels_key(self.settings.stream_prefix)
-        backoff = OutageBackoff(
-            "cancel signals",
-            self.settings.outage_backoff_s_min,
-            self.settings.outage_backoff_s_max,
-            self.settings.outage_log_interval_s,
-        )
+        backoff = OutageBackoff.configured("cancel signals", self.settings)
         # "$" only for the first read: after a reconnect, the read resumes past the last entry
         # seen, so no signal sent meanwhile is missed (within the stream's cap).
         last_id: bytes | str = "$"

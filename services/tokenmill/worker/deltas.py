@@ -62,12 +62,7 @@ class DeltaPublisher:
         self._loop = asyncio.get_running_loop()
         self._streams: dict[str, _Stream] = {}
         self._ready = asyncio.Event()
-        self._backoff = OutageBackoff(
-            "token deltas",
-            settings.outage_backoff_s_min,
-            settings.outage_backoff_s_max,
-            settings.outage_log_interval_s,
-        )
+        self._backoff = OutageBackoff.configured("token deltas", settings)
 
     def open(self, job: JobSubmitted) -> None:
         """Stream `job` from now on (the worker is about to run it)."""

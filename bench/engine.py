@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from bench.stats import percentile
 from tokenmill.events import Tier
 from tokenmill.settings import Settings
 from tokenmill.worker.engine import BatchEngine, EngineConfig, Request
@@ -110,14 +111,7 @@ def percentiles(values: list[float]) -> str:
     """p50/p90/p99 in one column (nearest rank)."""
     if not values:
         return "-"
-    ordered = sorted(values)
-    picks = [ordered[min(len(ordered) - 1, int(q * len(ordered)))] for q in (0.5, 0.9, 0.99)]
-    return "/".join(f"{v:.0f}" for v in picks)
-
-
-def p99(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+    return "/".join(f"{percentile(values, q):.0f}" for q in (0.5, 0.9, 0.99))
 
 
 # --- workloads ---
@@ -375,7 +369,7 @@ def qos(runner: ModelRunner, args: argparse.Namespace, params: SamplingParams) -
             tiers=[tier for _, _, tier in merged],
             until_tier_done="premium",
         )
-        ratio = p99(loaded.ttft_ms("premium")) / p99(idle.ttft_ms())
+        ratio = percentile(loaded.ttft_ms("premium"), 0.99) / percentile(idle.ttft_ms(), 0.99)
         print(
             f"  overloaded, {label} (waiting_max {waiting_max}): premium TTFT p50/p90/p99 "
             f"{percentiles(loaded.ttft_ms('premium'))} ms, free "

@@ -118,13 +118,10 @@ async def job_latency(base_url: str, headers: dict[str, str]) -> tuple[float, fl
     )
 
 
-async def main(args: argparse.Namespace) -> None:
-    if shutil.which("wrk") is None:
-        raise SystemExit("make bench needs wrk: apt-get install wrk")
-    database = f"tm_bench_{new_id().lower()}"
-    admin = await asyncpg.connect(ADMIN_URL)
-    await admin.execute(f'CREATE DATABASE "{database}"')
-    settings = Settings.from_env(
+def factory_settings(database: str, **overrides: object) -> Settings:
+    """A bench factory's settings: `database`, a stream prefix and port of its own, its own
+    signing key, and the modelled CPU meter."""
+    return Settings.from_env(
         {},
         database_url=urlunsplit(urlsplit(ADMIN_URL)._replace(path=f"/{database}")),
         redis_url=REDIS_URL,
@@ -133,7 +130,17 @@ async def main(args: argparse.Namespace) -> None:
         meter="modelled-cpu",
         device="cpu",
         signing_keys=new_key_spec(),
+        **overrides,
     )
+
+
+async def main(args: argparse.Namespace) -> None:
+    if shutil.which("wrk") is None:
+        raise SystemExit("make bench needs wrk: apt-get install wrk")
+    database = f"tm_bench_{new_id().lower()}"
+    admin = await asyncpg.connect(ADMIN_URL)
+    await admin.execute(f'CREATE DATABASE "{database}"')
+    settings = factory_settings(database)
     factory = Factory(settings, Path(tempfile.mkdtemp(prefix="tokenmill-bench-")))
     bare_port = free_port()
     bare = start_bare(bare_port)
@@ -160,7 +167,7 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         bare.terminate()
         factory.stop()
-        await _cleanup(settings, admin, database)
+        await drop_bench_data(settings, admin, database)
 
 
 def report_throughput(args, intake_url: str, bare_url: str, headers) -> float:
@@ -252,7 +259,7 @@ async def report_latency(args, factory: Factory, headers) -> None:
     print(f"  submit → booked seen by the client  {observed:8.0f} ms")
 
 
-async def _cleanup(settings: Settings, admin: asyncpg.Connection, database: str) -> None:
+async def drop_bench_data(settings: Settings, admin: asyncpg.Connection, database: str) -> None:
     redis = RedisClient.from_url(settings.redis_url)
     async for key in redis.scan_iter(match=f"{settings.stream_prefix}.*", count=500):
         await redis.delete(key)

@@ -33,7 +33,6 @@ import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -41,12 +40,13 @@ import psutil
 from faststream.redis import RedisBroker
 from redis.asyncio import Redis as RedisClient
 
-from bench.intake import ADMIN_URL, REDIS_URL, _cleanup, wait_healthy
-from tests.e2e.factory import Factory, free_port
+from bench.intake import ADMIN_URL, drop_bench_data, factory_settings, wait_healthy
+from bench.stats import percentile
+from tests.e2e.factory import Factory
 from tokenmill.cli import bootstrap, create_key
 from tokenmill.events import PowerSample, new_id, utc_now
 from tokenmill.settings import Settings
-from tokenmill.signing import SigningKeys, new_key_spec
+from tokenmill.signing import SigningKeys
 from tokenmill.streams import Streams, publish_event
 from tokenmill.telemetry.control import facility_power_w, recent_samples
 
@@ -172,24 +172,12 @@ async def mean_power_w(redis: RedisClient, settings: Settings, seconds: float) -
     return found
 
 
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
-
-
 async def main(args: argparse.Namespace) -> None:
     database = f"tm_bench_{new_id().lower()}"
     admin = await asyncpg.connect(ADMIN_URL)
     await admin.execute(f'CREATE DATABASE "{database}"')
-    settings = Settings.from_env(
-        {},
-        database_url=urlunsplit(urlsplit(ADMIN_URL)._replace(path=f"/{database}")),
-        redis_url=REDIS_URL,
-        stream_prefix=f"tmbench.{database}",
-        http_port=free_port(),
-        meter="modelled-cpu",
-        device="cpu",
-        signing_keys=new_key_spec(),
+    settings = factory_settings(
+        database,
         admin_token=ADMIN_TOKEN,
         power_sample_interval_s=3600.0,
         power_control_interval_s=0.5,
@@ -257,7 +245,7 @@ async def main(args: argparse.Namespace) -> None:
                 await task
         await redis.aclose()
         factory.stop()
-        await _cleanup(settings, admin, database)
+        await drop_bench_data(settings, admin, database)
 
 
 async def wait_ready(base_url: str) -> None:

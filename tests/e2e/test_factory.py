@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from datetime import datetime
 from decimal import Decimal
 
 import asyncpg
@@ -100,19 +101,23 @@ async def test_job_goes_from_submit_to_booked(factory: Factory, api_key: str, po
     await eventually(logged_whole_story)
 
 
+async def rows_since(
+    pool: asyncpg.Pool, table: str, start: str, since: datetime
+) -> list[asyncpg.Record]:
+    """`table`'s rows from `since` on by their `start` column, oldest first: the database is
+    the whole test run's, and rows from before the factory started are other tests'."""
+    return await pool.fetch(f"SELECT * FROM {table} WHERE {start} >= $1 ORDER BY {start}", since)
+
+
 async def test_telemetry_power_windows_reach_the_ledger(factory: Factory, pool: asyncpg.Pool):
+    async def ours() -> list[asyncpg.Record]:
+        return await rows_since(pool, "ledger.power_samples", "window_start", factory.started_at)
+
     async def sampled() -> bool:
         return len(await ours()) >= 2
 
-    async def ours() -> list[asyncpg.Record]:
-        return await pool.fetch(
-            "SELECT * FROM ledger.power_samples WHERE window_start >= $1 "
-            "ORDER BY window_start LIMIT 2",
-            factory.started_at,
-        )
-
     await eventually(sampled)
-    rows = await ours()
+    rows = (await ours())[:2]
     # Telemetry models the whole host; the worker's meter only its own process.
     assert all(r["meter"] == "modelled-cpu-host" and r["estimated"] for r in rows)
     assert all(r["energy_j"] > 0 and r["window_end"] > r["window_start"] for r in rows)
@@ -123,15 +128,12 @@ async def test_telemetry_power_windows_reach_the_ledger(factory: Factory, pool: 
 async def test_worker_energy_intervals_are_booked_with_their_idle_energy_as_overhead(
     factory: Factory, pool: asyncpg.Pool
 ):
+    async def ours() -> list[asyncpg.Record]:
+        table = "ledger.energy_intervals"
+        return await rows_since(pool, table, "interval_start", factory.started_at)
+
     async def booked() -> bool:
         return len(await ours()) >= 2
-
-    async def ours() -> list[asyncpg.Record]:
-        return await pool.fetch(
-            "SELECT * FROM ledger.energy_intervals WHERE interval_start >= $1 "
-            "ORDER BY interval_start",
-            factory.started_at,
-        )
 
     await eventually(booked)
     rows = await ours()

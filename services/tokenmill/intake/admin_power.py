@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tokenmill import powercap
 from tokenmill.intake.errors import ApiError
-from tokenmill.intake.invoices_admin import _declared
+from tokenmill.intake.invoices_admin import admin_responses
 from tokenmill.powercap import Level
 
 router = APIRouter(tags=["admin"])
@@ -72,7 +72,7 @@ async def _set(request: Request, cap_w: Any, reason: str) -> dict[str, Any]:
 @router.get(
     "/power/cap",
     response_model=None,
-    responses=_declared("The power cap in force and the curtailment level.", PowerStatus),
+    responses=admin_responses("The power cap in force and the curtailment level.", PowerStatus),
 )
 async def power_status(request: Request) -> dict[str, Any]:
     runtime = request.app.state.runtime
@@ -82,7 +82,7 @@ async def power_status(request: Request) -> dict[str, Any]:
 @router.put(
     "/power/cap",
     response_model=None,
-    responses=_declared("The cap was set; the status now.", PowerStatus, (413,)),
+    responses=admin_responses("The cap was set; the status now.", PowerStatus, (413,)),
 )
 async def set_power_cap(request: Request, body: PowerCapRequest) -> dict[str, Any]:
     """Set the facility power budget. Curtailment follows within a control interval once the
@@ -93,7 +93,7 @@ async def set_power_cap(request: Request, body: PowerCapRequest) -> dict[str, An
 @router.delete(
     "/power/cap",
     response_model=None,
-    responses=_declared("The cap was cleared; the status now.", PowerStatus),
+    responses=admin_responses("The cap was cleared; the status now.", PowerStatus),
 )
 async def clear_power_cap(request: Request) -> dict[str, Any]:
     """Clear the power budget: the controller lifts every curtailment at its next interval."""

@@ -112,7 +112,7 @@ _HEADERS = {
 _ALWAYS = (400, 401, 403, 503, 504)
 
 
-def _declared(
+def admin_responses(
     ok: str,
     model: type[BaseModel],
     errors: tuple[int, ...] = (),
@@ -144,7 +144,7 @@ def _period(text: str) -> Period:
 @router.get(
     "/invoices",
     response_model=None,
-    responses=_declared("Invoices, drafts with their current figures.", InvoiceList),
+    responses=admin_responses("Invoices, drafts with their current figures.", InvoiceList),
 )
 async def list_invoices(
     request: Request, period: str | None = None, customer_id: CustomerQuery = None
@@ -161,7 +161,7 @@ async def list_invoices(
 @router.get(
     "/invoices/{ref}",
     response_model=None,
-    responses=_declared(
+    responses=admin_responses(
         "The invoice as JSON, or as CSV or PDF when the Accept header asks for it.",
         InvoiceView,
         (404,),
@@ -190,7 +190,7 @@ async def show_invoice(
 @router.post(
     "/invoices/finalize",
     response_model=None,
-    responses=_declared(
+    responses=admin_responses(
         "The customer's invoices of the period, with what this call finalized.",
         FinalizeResult,
         (404, 409, 413),
@@ -231,7 +231,7 @@ async def finalize(request: Request, body: FinalizeRequest) -> dict[str, Any]:
 @router.get(
     "/credit-notes",
     response_model=None,
-    responses=_declared("Credit notes, oldest first.", CreditNoteList),
+    responses=admin_responses("Credit notes, oldest first.", CreditNoteList),
 )
 async def list_credit_notes(
     request: Request,
@@ -250,7 +250,7 @@ async def list_credit_notes(
 @router.post(
     "/credit-notes/issue",
     response_model=None,
-    responses=_declared("The numbers of the credit notes issued now.", CreditNotesIssued),
+    responses=admin_responses("The numbers of the credit notes issued now.", CreditNotesIssued),
 )
 async def issue_credit_notes(request: Request) -> dict[str, Any]:
     """Put every late credit (its period's invoice already final) on a credit note."""
@@ -264,7 +264,7 @@ async def issue_credit_notes(request: Request) -> dict[str, Any]:
 @router.get(
     "/reports",
     response_model=None,
-    responses=_declared("Revenue, cost and margin per group over the days.", ReportView),
+    responses=admin_responses("Revenue, cost and margin per group over the days.", ReportView),
 )
 async def reports(
     request: Request,

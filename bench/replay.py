@@ -3,15 +3,19 @@ and how long it takes to replay and diff a month of N requests end to end.
 
 What it does, on the machine's PostgreSQL (TOKENMILL_BENCH_DATABASE_URL, a database to CREATE
 DATABASE from), in a throwaway database:
-1. books a month (October 2026) of N completions of 1,000 customers (standard and premium,
-   a defective verdict on 1 in 200, a prepaid top-up for 1 customer in 10) through the ledger's
-   own entry points (`books.apply_completions` in batches of `--batch`, `books.apply_event`),
-   which is what the consumers run, and issues October's invoices;
+1. logs and books a month (October 2026) of N requests of 1,000 customers (standard and
+   premium, a prepaid top-up for 1 customer in 10) as the live ledger logs them: each request's
+   job.submitted, job.started, job.completed, quality.verdict (defective for 1 in 200) and
+   usage.booked, five events a request. Completions are booked through the ledger's own entry
+   point (`books.apply_completions`, in batches of `--batch`), verdicts through the one its
+   quality consumer uses (`books.apply_logged` after the log append, here a batch per
+   transaction instead of one each, to make the month sooner); the events that change no books
+   are only appended;
 2. runs the replay (`replay.replay`: scratch database, fold, diff) over October, and prints the
-   events folded per second, the fold and end-to-end times, and whether the books agreed.
+   events and requests folded per second, the fold and end-to-end times, and whether the books
+   agreed.
 
-The live booking in step 1 is timed too, as the baseline of the same run: the fold runs the
-same code, so its rate is bounded by it.
+The live logging and booking in step 1 is timed too, as the baseline of the same run.
 """
 
 from __future__ import annotations
@@ -29,7 +33,15 @@ import asyncpg
 
 from bench.books import completions
 from tokenmill.db import create_pool, migrate
-from tokenmill.events import PrepaidCreditAdded, QualitySignal, QualityVerdict
+from tokenmill.events import (
+    JobCompleted,
+    JobStarted,
+    JobSubmitted,
+    PrepaidCreditAdded,
+    QualitySignal,
+    QualityVerdict,
+    new_id,
+)
 from tokenmill.ledger import books, invoices, replay
 from tokenmill.ledger.billing import Period
 from tokenmill.settings import Settings
@@ -62,9 +74,8 @@ def october_chunk(n: int, first: int, count: int) -> list:
 
 
 async def book_month(pool: asyncpg.Pool, settings: Settings, n: int, batch: int) -> float:
-    """Book October's events as the ledger's consumers do; return the seconds it took."""
+    """Log and book October's events as the ledger's consumers do; return the seconds it took."""
     streams = Streams(settings.stream_prefix)
-    slo = books.SloPolicy.from_settings(settings)
     started = time.perf_counter()
     making_s = 0.0  # Making the events is the bench's work, not the ledger's.
     async with pool.acquire() as conn:
@@ -80,24 +91,70 @@ async def book_month(pool: asyncpg.Pool, settings: Settings, n: int, batch: int)
             made = time.perf_counter()
             chunk = october_chunk(n, first, min(batch, n - first))
             making_s += time.perf_counter() - made
-            logged = [books.Logged(e, streams.completions, e.canonical_json()) for e in chunk]
             async with conn.transaction():
-                await books.apply_completions(conn, logged, streams.booked, slo)
-            for done in chunk[::DEFECTIVE_EVERY]:
-                verdict = QualityVerdict(
-                    **done.envelope_for("inspector"),
-                    completion_event_id=done.event_id,
-                    verdict="defective",
-                    signals=(QualitySignal(name="empty", severity="defect"),),
-                )
-                async with conn.transaction():
-                    await books.apply_event(conn, books.Logged(verdict, streams.quality))
+                await _log_requests(conn, streams, settings, chunk)
     booked_s = time.perf_counter() - started - making_s
     async with pool.acquire() as conn:
         await invoices.issue_period(
             conn, OCTOBER, now=datetime.now(UTC), grace_s=0, batch_size=1000
         )
     return booked_s
+
+
+async def _log_requests(
+    conn: asyncpg.Connection, streams: Streams, settings: Settings, done: list[JobCompleted]
+) -> None:
+    """Log a batch of requests' five events each, in the order the ledger would see them,
+    and book their completions and verdicts."""
+    slo = books.SloPolicy.from_settings(settings)
+    jobs = streams.jobs("eu-west")
+    await books.append_events(conn, [books.Logged(e, jobs) for e in _submitted(done)])
+    await books.append_events(conn, [books.Logged(e, streams.progress) for e in _started(done)])
+    logged = [books.Logged(e, streams.completions, e.canonical_json()) for e in done]
+    bookings = await books.apply_completions(conn, logged, None, slo)
+    verdicts = [
+        QualityVerdict(
+            **e.envelope_for("inspector"),
+            completion_event_id=e.event_id,
+            verdict="defective" if i % DEFECTIVE_EVERY == 0 else "pass",
+            signals=(
+                QualitySignal(
+                    name="empty", severity="defect" if i % DEFECTIVE_EVERY == 0 else "ok"
+                ),
+            ),
+        )  # fmt: skip
+        for i, e in enumerate(done)
+    ]
+    if await books.append_events(conn, [books.Logged(v, streams.quality) for v in verdicts]):
+        await books.apply_logged(conn, verdicts)
+    booked = [b.booked_event(new_id(), b.event.occurred_at) for b in bookings]
+    await books.append_events(conn, [books.Logged(e, streams.booked) for e in booked])
+
+
+def _submitted(done: list[JobCompleted]) -> list[JobSubmitted]:
+    return [
+        JobSubmitted(
+            **e.envelope_for("intake"),
+            occurred_at=e.submitted_at,
+            tier=e.tier,
+            model=e.model,
+            prompt="Name three colours, and say why each one matters.",
+            max_tokens=e.max_tokens,
+        )  # fmt: skip
+        for e in done
+    ]
+
+
+def _started(done: list[JobCompleted]) -> list[JobStarted]:
+    return [
+        JobStarted(
+            **e.envelope_for("worker"),
+            occurred_at=e.submitted_at,
+            worker="bench",
+            queue_ms=e.queue_ms,
+        )  # fmt: skip
+        for e in done
+    ]
 
 
 async def run(n: int, batch: int) -> dict[str, object]:
@@ -125,10 +182,12 @@ async def run(n: int, batch: int) -> dict[str, object]:
     return {
         "requests": n,
         "events_in_log": logged,
+        "events_by_type": dict(report.events),
         "live_booking_s": round(booked_s, 1),
         "live_booked_events_per_s": round(logged / booked_s),
         "fold_s": round(report.fold_s, 1),
         "replayed_events_per_s": round(replayed / report.fold_s),
+        "replayed_requests_per_s": round(n / report.fold_s),
         "replay_and_diff_s": round(report.elapsed_s, 1),
         "fold_vs_live_booking": round(booked_s / report.fold_s, 2),
         "invoices_reissued": report.counts["invoice"]["rebuilt"],

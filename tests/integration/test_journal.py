@@ -91,7 +91,7 @@ async def book(pool: asyncpg.Pool, *events: JobCompleted) -> list[books.Booking]
 async def judge(pool: asyncpg.Pool, event: QualityVerdict) -> None:
     async with pool.acquire() as conn, conn.transaction():
         if await books.append_event(conn, event, "test.quality"):
-            await books.record_verdict(conn, event)
+            await books.record_verdicts(conn, [event])
 
 
 async def top_up(pool: asyncpg.Pool, event: PrepaidCreditAdded) -> None:

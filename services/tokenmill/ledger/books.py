@@ -361,7 +361,13 @@ class Credit:
 async def give_credits(conn: asyncpg.Connection, credits: list[Credit]) -> int:
     """Insert `credits` and post each one that is new; a (request, reason) credited before is
     skipped, so a credit is given once whatever order or how often its events come."""
-    credits = [c for c in credits if c.amount > 0]
+    # The first of each (request, reason): within one statement a later duplicate would be
+    # skipped by the insert but still posted.
+    firsts: dict[tuple[str, str], Credit] = {}
+    for c in credits:
+        if c.amount > 0:
+            firsts.setdefault((c.request_id, c.reason), c)
+    credits = list(firsts.values())
     if not credits:
         return 0
     rows = await conn.fetch(
@@ -385,7 +391,7 @@ async def give_credits(conn: asyncpg.Connection, credits: list[Credit]) -> int:
 async def book_completions(
     conn: asyncpg.Connection,
     completions: Sequence[Logged],
-    booked_stream: str,
+    booked_stream: str | None,
     slo: SloPolicy = NO_SLO,
 ) -> list[Booking]:
     """Log and book each completion once, in the caller's transaction.
@@ -397,10 +403,23 @@ async def book_completions(
     """
     assert conn.is_in_transaction(), "the log append and the books commit together"
     new_ids = await append_events(conn, completions)
+    logged = [x.event for x in completions if x.event.event_id in new_ids]
+    return await book_logged(conn, logged, booked_stream, slo)  # type: ignore[arg-type]
+
+
+async def book_logged(
+    conn: asyncpg.Connection,
+    completions: Sequence[JobCompleted],
+    booked_stream: str | None,
+    slo: SloPolicy = NO_SLO,
+) -> list[Booking]:
+    """Book completions the log has just taken, in log order, in the caller's transaction:
+    the first of each request not booked before. Each booking's UsageBooked goes to the
+    outbox for `booked_stream`; a replay passes None (the log it reads holds them already)."""
     fresh: dict[str, JobCompleted] = {}
-    for event, *_ in completions:
+    for event in completions:
         assert isinstance(event, JobCompleted), event
-        if event.event_id in new_ids and event.request_id not in fresh:
+        if event.request_id not in fresh:
             fresh[event.request_id] = event
     if not fresh:
         return []
@@ -540,7 +559,7 @@ async def _save_prepaid(conn: asyncpg.Connection, wallets: dict[tuple[str, str],
 
 
 async def _write_bookings(
-    conn: asyncpg.Connection, bookings: list[Booking], booked_stream: str
+    conn: asyncpg.Connection, bookings: list[Booking], booked_stream: str | None
 ) -> None:
     postings = usage_postings(bookings)
     posting_ids = await journal.write(conn, [p for p, _ in postings])
@@ -555,7 +574,8 @@ async def _write_bookings(
         columns=USAGE_COLUMNS,
         records=[b.usage_row(posting_of.get(b.event.event_id)) for b in bookings],
     )
-    await _queue_booked(conn, bookings, booked_stream)
+    if booked_stream is not None:
+        await _queue_booked(conn, bookings, booked_stream)
 
 
 async def _queue_booked(conn: asyncpg.Connection, bookings: list[Booking], stream: str) -> None:
@@ -612,22 +632,41 @@ async def apply_event(conn: asyncpg.Connection, logged: Logged) -> bool:
     caller's transaction; False if the log already had it (a redelivery: nothing changes).
     The ledger's consumers and `tokenmill audit replay` both come here."""
     assert conn.is_in_transaction(), "the log append and the books commit together"
-    event = logged.event
     if not await append_events(conn, [logged]):
         return False
-    if isinstance(event, QualityVerdict):
-        await record_verdict(conn, event)
-    elif isinstance(event, PowerSample):
-        await record_power(conn, event)
-    elif isinstance(event, PrepaidCreditAdded):
-        await record_prepaid(conn, event)
-    elif isinstance(event, EnergyInterval):
-        await record_energy(conn, event)
+    await apply_logged(conn, [logged.event])
     return True
 
 
+# The kinds of event, besides completions, that change the books; the log keeps every other
+# kind and nothing more is done with it.
+APPLIED_TYPES = frozenset(
+    {"quality.verdict", "power.sample", "credit.prepaid_added", "energy.interval"}
+)
+
+
+async def apply_logged(conn: asyncpg.Connection, events: Sequence[Event]) -> None:
+    """Apply events the log has just taken, none of them a completion, to the books.
+
+    Each kind changes books of its own (verdicts: quality and their credits; power samples;
+    prepaid top-ups: the wallets; energy intervals: the overhead accounts), and two events of a
+    kind commute (verdicts on one completion: the first is kept and the credit is given once
+    whichever gives it), so the events are applied kind by kind, verdicts and samples each in
+    one statement. Completions are the exception (their order rates them), which the callers
+    keep: `tokenmill audit replay` explains how it places these around a batch of them."""
+    by_type: dict[type, list[Event]] = defaultdict(list)
+    for event in events:
+        by_type[type(event)].append(event)
+    await record_verdicts(conn, by_type.pop(QualityVerdict, []))  # type: ignore[arg-type]
+    await record_power(conn, by_type.pop(PowerSample, []))  # type: ignore[arg-type]
+    for event in by_type.pop(PrepaidCreditAdded, []):
+        await record_prepaid(conn, event)  # type: ignore[arg-type]
+    for event in by_type.pop(EnergyInterval, []):
+        await record_energy(conn, event)  # type: ignore[arg-type]
+
+
 async def apply_completions(
-    conn: asyncpg.Connection, logged: Sequence[Logged], booked_stream: str, slo: SloPolicy
+    conn: asyncpg.Connection, logged: Sequence[Logged], booked_stream: str | None, slo: SloPolicy
 ) -> list[Booking]:
     """Log a batch of the completions stream and book its completions, in the caller's
     transaction. Failed jobs and other events of that stream are only logged."""
@@ -636,32 +675,44 @@ async def apply_completions(
     return await book_completions(conn, completions, booked_stream, slo)
 
 
-async def record_verdict(conn: asyncpg.Connection, event: QualityVerdict) -> None:
-    """Keep the verdict on one completion; the request's is its booked completion's
-    (the ledger.request_quality view). A defective verdict on the booked completion credits
-    what is left of that request's charge, once."""
-    await lock_customers(conn, [event.customer_id])
+async def record_verdicts(conn: asyncpg.Connection, verdicts: Sequence[QualityVerdict]) -> None:
+    """Keep each verdict on its completion, the first one where several judge it; the
+    request's is its booked completion's (the ledger.request_quality view). A defective
+    verdict on a booked completion credits what is left of that request's charge, once."""
+    if not verdicts:
+        return
+    await lock_customers(conn, (v.customer_id for v in verdicts))
     await conn.execute(
         "INSERT INTO ledger.quality (completion_event_id, request_id, verdict, signals, event_id) "
-        "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (completion_event_id) DO NOTHING",
-        event.completion_event_id,
-        event.request_id,
-        event.verdict,
-        [s.model_dump() for s in event.signals],
-        event.event_id,
+        "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::text[]) "
+        "ON CONFLICT (completion_event_id) DO NOTHING",
+        [v.completion_event_id for v in verdicts],
+        [v.request_id for v in verdicts],
+        [v.verdict for v in verdicts],
+        [[s.model_dump() for s in v.signals] for v in verdicts],
+        [v.event_id for v in verdicts],
     )
-    if event.verdict != "defective":
+    defective = [v for v in verdicts if v.verdict == "defective"]
+    if not defective:
         return
-    booked = await conn.fetchrow(
-        "SELECT u.customer_id, u.revenue, u.currency, "
-        "u.revenue - coalesce((SELECT sum(c.amount) FROM ledger.credits c "
-        "WHERE c.request_id = u.request_id), 0) AS left FROM ledger.request_usage u "
-        "WHERE u.completion_event_id = $1",
-        event.completion_event_id,
+    booked = {
+        r["completion_event_id"]: r
+        for r in await conn.fetch(
+            "SELECT u.completion_event_id, u.currency, "
+            "u.revenue - coalesce((SELECT sum(c.amount) FROM ledger.credits c "
+            "WHERE c.request_id = u.request_id), 0) AS left FROM ledger.request_usage u "
+            "WHERE u.completion_event_id = ANY($1::text[])",
+            [v.completion_event_id for v in defective],
+        )
+    }
+    await give_credits(
+        conn,
+        [
+            _credit(v, "defective", row["left"], row["currency"], v.event_id)
+            for v in defective
+            if (row := booked.get(v.completion_event_id)) is not None
+        ],
     )
-    if booked is not None:
-        credit = _credit(event, "defective", booked["left"], booked["currency"], event.event_id)
-        await give_credits(conn, [credit])
 
 
 async def record_prepaid(conn: asyncpg.Connection, event: PrepaidCreditAdded) -> None:
@@ -690,20 +741,23 @@ async def record_prepaid(conn: asyncpg.Connection, event: PrepaidCreditAdded) ->
     await journal.write(conn, [posting])
 
 
-async def record_power(conn: asyncpg.Connection, event: PowerSample) -> None:
+async def record_power(conn: asyncpg.Connection, samples: Sequence[PowerSample]) -> None:
+    if not samples:
+        return
     await conn.execute(
         "INSERT INTO ledger.power_samples (event_id, meter, device, estimated, window_start, "
-        "window_end, energy_j, power_w, power_w_max) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, "
-        "$9) ON CONFLICT (event_id) DO NOTHING",
-        event.event_id,
-        event.meter,
-        event.device,
-        event.estimated,
-        event.window_start,
-        event.window_end,
-        event.energy_j,
-        event.power_w,
-        event.power_w_max,
+        "window_end, energy_j, power_w, power_w_max) SELECT * FROM unnest($1::text[], "
+        "$2::text[], $3::text[], $4::boolean[], $5::timestamptz[], $6::timestamptz[], "
+        "$7::numeric[], $8::numeric[], $9::numeric[]) ON CONFLICT (event_id) DO NOTHING",
+        [s.event_id for s in samples],
+        [s.meter for s in samples],
+        [s.device for s in samples],
+        [s.estimated for s in samples],
+        [s.window_start for s in samples],
+        [s.window_end for s in samples],
+        [s.energy_j for s in samples],
+        [s.power_w for s in samples],
+        [s.power_w_max for s in samples],
     )
 
 

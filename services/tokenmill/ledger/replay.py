@@ -59,7 +59,15 @@ from redis.exceptions import ResponseError
 
 from tokenmill.batches import _unpack
 from tokenmill.db import connect, migrate
-from tokenmill.events import JobCompleted, JobFailed, new_id, parse_event
+from tokenmill.events import (
+    Event,
+    JobCompleted,
+    JobFailed,
+    PrepaidCreditAdded,
+    QualityVerdict,
+    new_id,
+    parse_event,
+)
 from tokenmill.ledger import books, invoices
 from tokenmill.ledger.billing import Period
 from tokenmill.ledger.commands import Progress
@@ -79,9 +87,11 @@ REFERENCE_TABLES = (
 )
 LOG_FETCH_ROWS = 10_000
 STREAM_FETCH_ENTRIES = 10_000
-# Completions booked per transaction in the scratch books; larger than the live consumer's
-# batches because nothing waits on them (a summary posting is split at its own limit).
+# Completions booked per call in the scratch books; larger than the live consumer's batches
+# because nothing waits on them (a summary posting is split at its own limit).
 REPLAY_BATCH_MAX = 5_000
+# Events applied to the scratch books in one transaction, at most.
+SEGMENT_EVENTS_MAX = 20_000
 DOCUMENT_BATCH = 100
 DIFF_CHUNK_ROWS = 50_000
 # The ledger's pending entries listed per stream: more than this many in flight at once means
@@ -215,13 +225,6 @@ def _customers_summed(totals: dict[str, dict[str, str]]) -> dict[str, dict[str, 
 
 
 @dataclass(frozen=True)
-class LogEvent:
-    seq: int
-    recorded_at: datetime
-    logged: books.Logged
-
-
-@dataclass(frozen=True)
 class Document:
     """A live invoice finalization or credit-note issue, to re-do at its place in the fold."""
 
@@ -233,27 +236,36 @@ class Document:
     currency: str
 
 
-async def _log_events(
+# The log's columns as a replay reads them and copies them into the scratch log (seq is the
+# scratch's own: the copy keeps the log's order).
+LOG_COLUMNS = (
+    "event_id", "event_type", "stream", "customer_id", "request_id", "occurred_at", "body",
+    "recorded_at",
+)  # fmt: skip
+_TYPE, _BODY, _RECORDED_AT = 1, 6, 7
+
+
+async def _log_chunks(
     live: asyncpg.Connection, bodies: dict[str, str] | None
-) -> AsyncIterator[list[LogEvent]]:
-    """The log's events in log order, a chunk at a time; with
+) -> AsyncIterator[list[tuple]]:
+    """The log's rows in log order (seq), a chunk at a time, as tuples of LOG_COLUMNS; with
     `bodies` (event id → text), an event's text is taken from there when it is there."""
     last = 0
     while True:
         rows = await live.fetch(
-            "SELECT seq, event_id, stream, body, recorded_at FROM ledger.events "
+            f"SELECT {', '.join(LOG_COLUMNS)}, seq FROM ledger.events "
             "WHERE seq > $1 ORDER BY seq LIMIT $2",
             last,
             LOG_FETCH_ROWS,
         )
         if not rows:
             return
-        chunk = []
-        for row in rows:
-            body = row["body"] if bodies is None else bodies.get(row["event_id"], row["body"])
-            logged = books.Logged(parse_event(body), row["stream"], body)
-            chunk.append(LogEvent(row["seq"], row["recorded_at"], logged))
         last = rows[-1]["seq"]
+        chunk = [tuple(row)[:-1] for row in rows]
+        if bodies is not None:
+            chunk = [
+                (*row[:_BODY], bodies.get(row[0], row[_BODY]), *row[_BODY + 1 :]) for row in chunk
+            ]
         yield chunk
 
 
@@ -277,34 +289,90 @@ async def _documents(live: asyncpg.Connection) -> list[Document]:
     ]
 
 
+class Segment:
+    """Logged events to apply to the scratch books in one transaction, in an order that gives
+    the books applying them one by one in log order would, with as few statements as can.
+
+    Completions keep their log order: it rates them and decides what prepaid credit each
+    draws. Every other event that changes the books commutes with the completions of other
+    requests, so it is applied before them, in one set (`books.apply_logged`), except a
+    verdict on a completion earlier in the segment, which is applied after them: before its
+    completion is booked a defective verdict makes the booking credit the whole charge,
+    after it the verdict credits what is left after any latency credit, and the credits must
+    come out as they did live. A prepaid top-up changes what its customer's later completions
+    draw, so one that comes after the segment's first completion starts a new segment."""
+
+    def __init__(self) -> None:
+        self.before: list[Event] = []
+        self.completions: list[JobCompleted] = []
+        self.after: list[Event] = []
+        self._completed: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.before) + len(self.completions) + len(self.after)
+
+    def takes(self, event: Event) -> bool:
+        """Whether `event` can join this segment, keeping the order that matters."""
+        if len(self) >= SEGMENT_EVENTS_MAX:
+            return False
+        return not (isinstance(event, PrepaidCreditAdded) and self.completions)
+
+    def add(self, event: Event) -> None:
+        assert self.takes(event), event
+        if isinstance(event, JobCompleted):
+            self.completions.append(event)
+            self._completed.add(event.event_id)
+        elif isinstance(event, QualityVerdict) and event.completion_event_id in self._completed:
+            self.after.append(event)
+        else:
+            self.before.append(event)
+
+
 class Fold:
-    """Applies events and documents to the scratch books through the live code."""
+    """Applies the log's events and the live documents to the scratch books through the
+    live code."""
 
     def __init__(self, scratch: asyncpg.Connection, settings: Settings, report: Report) -> None:
         self.scratch, self.report = scratch, report
         self.slo = books.SloPolicy.from_settings(settings)
-        self.booked_stream = Streams(settings.stream_prefix).booked
-        self.batch: list[books.Logged] = []
+        self.segment = Segment()
 
-    async def event(self, logged: books.Logged) -> None:
-        """Book completions in batches, as the ledger's completions consumer does (a failed
-        job is only logged, either way); apply any other event alone, in order."""
-        self.report.events[logged.event.type] += 1
-        if isinstance(logged.event, JobCompleted | JobFailed):
-            self.batch.append(logged)
-            if len(self.batch) >= REPLAY_BATCH_MAX:
-                await self.flush()
-            return
-        await self.flush()
-        async with self.scratch.transaction():
-            await books.apply_event(self.scratch, logged)
+    async def copy(self, chunk: list[tuple]) -> None:
+        """Copy a chunk of the log into the scratch log, counting its events by type."""
+        await self.scratch.copy_records_to_table(
+            "events", schema_name="ledger", columns=LOG_COLUMNS, records=chunk
+        )
+        self.report.events.update(row[_TYPE] for row in chunk)
+
+    async def event(self, event: Event) -> None:
+        """Apply a logged event that changes the books, with the segment it joins."""
+        if not self.segment.takes(event):
+            await self.flush()
+        self.segment.add(event)
 
     async def flush(self) -> None:
-        if not self.batch:
+        segment, self.segment = self.segment, Segment()
+        if not segment:
             return
         async with self.scratch.transaction():
-            await books.apply_completions(self.scratch, self.batch, self.booked_stream, self.slo)
-        self.batch = []
+            await books.apply_logged(self.scratch, segment.before)
+            done = segment.completions
+            for first in range(0, len(done), REPLAY_BATCH_MAX):
+                batch = done[first : first + REPLAY_BATCH_MAX]
+                await books.book_logged(self.scratch, batch, None, self.slo)
+            await books.apply_logged(self.scratch, segment.after)
+
+    async def unlogged(self, extra: list[books.Logged]) -> None:
+        """Log and apply events the log lacks (the streams hold them) through the live
+        consumers' entry points, one at a time in their order."""
+        await self.flush()
+        for logged in extra:
+            self.report.events[logged.event.type] += 1
+            async with self.scratch.transaction():
+                if isinstance(logged.event, JobCompleted | JobFailed):
+                    await books.apply_completions(self.scratch, [logged], None, self.slo)
+                else:
+                    await books.apply_event(self.scratch, logged)
 
     async def documents(self, docs: list[Document]) -> None:
         """Re-issue `docs` (one live transaction's: one time, kind and period) with the live
@@ -367,14 +435,15 @@ async def fold(
             await fold_.documents(documents[next_doc:end])
             next_doc = end
 
-    async for chunk in _log_events(live, bodies):
-        for item in chunk:
-            await issue_documents_before(item.recorded_at)
-            await fold_.event(item.logged)
+    async for chunk in _log_chunks(live, bodies):
+        await fold_.copy(chunk)
+        for row in chunk:
+            if row[_TYPE] == "job.completed" or row[_TYPE] in books.APPLIED_TYPES:
+                await issue_documents_before(row[_RECORDED_AT])
+                await fold_.event(parse_event(row[_BODY]))
         if progress is not None:
             progress.advance(len(chunk))
-    for logged in extra:
-        await fold_.event(logged)
+    await fold_.unlogged(extra)
     if progress is not None and extra:
         progress.advance(len(extra))
     await issue_documents_before(None)

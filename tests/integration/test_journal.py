@@ -234,6 +234,51 @@ async def test_verdict_after_its_completion_credits_what_is_left_once(pool: asyn
         await assert_books_hold(conn)
 
 
+async def test_verdicts_recorded_as_one_set_keep_their_signals_and_credit_once(
+    pool: asyncpg.Pool,
+):
+    """Several verdicts in one call (as a replay records them): each keeps all its signals,
+    and two defective verdicts on one booked completion credit it once, in one posting."""
+    customer = f"cus_{new_id()}"
+    done = [completion(customer), completion(customer)]
+    bookings = await book(pool, *done)
+    signals = (
+        QualitySignal(name="empty", severity="defect", detail="no text"),
+        QualitySignal(name="length", severity="ok"),
+    )
+    judged = [
+        QualityVerdict(
+            **d.envelope_for("inspector"),
+            completion_event_id=d.event_id,
+            verdict="defective",
+            signals=signals,
+        )  # fmt: skip
+        for d in (done[0], done[0], done[1])
+    ]
+    async with pool.acquire() as conn, conn.transaction():
+        await books.append_events(conn, [books.Logged(v, "test.quality") for v in judged])
+        await books.record_verdicts(conn, judged)
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT q.event_id, q.request_id, q.signals FROM ledger.quality q "
+            "WHERE q.completion_event_id = ANY($1::text[]) ORDER BY q.event_id",
+            [d.event_id for d in done],
+        )
+        assert [(r["event_id"], r["request_id"]) for r in rows] == sorted(
+            (v.event_id, v.request_id) for v in (judged[0], judged[2])
+        )
+        want = [s.model_dump() for s in signals]
+        assert all(r["signals"] == want for r in rows), rows
+        credits = await conn.fetch(
+            "SELECT request_id, amount FROM ledger.credits WHERE customer_id = $1", customer
+        )
+        assert sorted((c["request_id"], c["amount"]) for c in credits) == sorted(
+            (b.event.request_id, b.revenue) for b in bookings
+        )
+        assert await journal.balance(conn, journal.receivable(customer)) == 0
+        await assert_books_hold(conn)
+
+
 async def test_prepaid_credit_is_drawn_first_then_receivable(pool: asyncpg.Pool):
     customer = f"cus_{new_id()}"
     added = prepaid_added(customer, "0.001")

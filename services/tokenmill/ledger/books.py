@@ -11,6 +11,7 @@ set-based statements, whatever the batch's size.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -684,12 +685,13 @@ async def record_verdicts(conn: asyncpg.Connection, verdicts: Sequence[QualityVe
     await lock_customers(conn, (v.customer_id for v in verdicts))
     await conn.execute(
         "INSERT INTO ledger.quality (completion_event_id, request_id, verdict, signals, event_id) "
-        "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::text[]) "
-        "ON CONFLICT (completion_event_id) DO NOTHING",
+        "SELECT c, r, v, s::jsonb, e FROM unnest($1::text[], $2::text[], $3::text[], "
+        "$4::text[], $5::text[]) AS k(c, r, v, s, e) ON CONFLICT (completion_event_id) DO NOTHING",
         [v.completion_event_id for v in verdicts],
         [v.request_id for v in verdicts],
         [v.verdict for v in verdicts],
-        [[s.model_dump() for s in v.signals] for v in verdicts],
+        # As JSON text: a list of lists would be taken for a two-dimensional array.
+        [json.dumps([s.model_dump(mode="json") for s in v.signals]) for v in verdicts],
         [v.event_id for v in verdicts],
     )
     defective = [v for v in verdicts if v.verdict == "defective"]

@@ -41,10 +41,13 @@ invoices' lines as different if live placed it the other way.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import json
+import os
 import sys
 import time
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -85,13 +88,16 @@ REFERENCE_TABLES = (
     "price_bands",
     "customer_plans",
 )
-LOG_FETCH_ROWS = 10_000
+LOG_CHUNK_ROWS = 20_000
 STREAM_FETCH_ENTRIES = 10_000
 # Completions booked per call in the scratch books; larger than the live consumer's batches
 # because nothing waits on them (a summary posting is split at its own limit).
 REPLAY_BATCH_MAX = 5_000
-# Events applied to the scratch books in one transaction, at most.
+# Events applied to the scratch books at once, at most.
 SEGMENT_EVENTS_MAX = 20_000
+# Connections a replay books on at once, at most (a segment's customers are split among them);
+# it uses one per core.
+LANES_MAX = 4
 DOCUMENT_BATCH = 100
 DIFF_CHUNK_ROWS = 50_000
 # The ledger's pending entries listed per stream: more than this many in flight at once means
@@ -236,37 +242,98 @@ class Document:
     currency: str
 
 
-# The log's columns as a replay reads them and copies them into the scratch log (seq is the
-# scratch's own: the copy keeps the log's order).
-LOG_COLUMNS = (
+# The log's columns as a replay copies them into the scratch log (seq is the scratch's own:
+# the copy keeps the log's order).
+LOG_COLUMNS = ", ".join((
     "event_id", "event_type", "stream", "customer_id", "request_id", "occurred_at", "body",
     "recorded_at",
-)  # fmt: skip
-_TYPE, _BODY, _RECORDED_AT = 1, 6, 7
+))  # fmt: skip
+# The end and size of the log's next chunk: its first LOG_CHUNK_ROWS events after a seq.
+_NEXT_CHUNK = (
+    "SELECT count(*), max(seq) FROM (SELECT seq FROM ledger.events WHERE seq > $1 "
+    "ORDER BY seq LIMIT $2) chunk"
+)
+_APPLIED_IN_CHUNK = (
+    "SELECT event_id, body, recorded_at FROM ledger.events WHERE seq > $1 AND seq <= $2 "
+    "AND event_type = ANY($3::text[]) ORDER BY seq"
+)
+APPLIED_TYPES = sorted({"job.completed", *books.APPLIED_TYPES})
+
+
+@dataclass(frozen=True)
+class LogChunk:
+    """The log's events with seqs in (after, upto]: how many, and those that change the books
+    as (recorded_at, text) in log order."""
+
+    after: int
+    upto: int
+    events: int
+    applied: list[tuple[datetime, str]]
 
 
 async def _log_chunks(
     live: asyncpg.Connection, bodies: dict[str, str] | None
-) -> AsyncIterator[list[tuple]]:
-    """The log's rows in log order (seq), a chunk at a time, as tuples of LOG_COLUMNS; with
-    `bodies` (event id → text), an event's text is taken from there when it is there."""
-    last = 0
+) -> AsyncIterator[LogChunk]:
+    """The log in log order (seq), a chunk at a time; with `bodies` (event id → text), an
+    event's text is taken from there when it is there."""
+    after = 0
     while True:
-        rows = await live.fetch(
-            f"SELECT {', '.join(LOG_COLUMNS)}, seq FROM ledger.events "
-            "WHERE seq > $1 ORDER BY seq LIMIT $2",
-            last,
-            LOG_FETCH_ROWS,
-        )
-        if not rows:
+        events, upto = await live.fetchrow(_NEXT_CHUNK, after, LOG_CHUNK_ROWS)
+        if not events:
             return
-        last = rows[-1]["seq"]
-        chunk = [tuple(row)[:-1] for row in rows]
-        if bodies is not None:
-            chunk = [
-                (*row[:_BODY], bodies.get(row[0], row[_BODY]), *row[_BODY + 1 :]) for row in chunk
-            ]
-        yield chunk
+        rows = await live.fetch(_APPLIED_IN_CHUNK, after, upto, APPLIED_TYPES)
+        applied = [
+            (
+                r["recorded_at"],
+                r["body"] if bodies is None else bodies.get(r["event_id"], r["body"]),
+            )
+            for r in rows
+        ]
+        yield LogChunk(after, upto, events, applied)
+        after = upto
+
+
+class LogCopy:
+    """Copies the log into the scratch log a chunk at a time, on connections of its own, so
+    that the server writes one chunk while the fold applies the next to the books.
+
+    The books never read the log: only the events the streams alone hold, which are appended
+    after the whole log is copied, and the diff need it. The copy is the log's text; with
+    `--source redis` the books are rebuilt from the streams' text where they hold it."""
+
+    def __init__(self, live: asyncpg.Connection, scratch: asyncpg.Connection) -> None:
+        self._live, self._scratch = live, scratch
+        self._copying: asyncio.Task | None = None
+
+    async def start(self, chunk: LogChunk) -> None:
+        """Copy `chunk` once the chunk before it is copied (without waiting for it)."""
+        await self.finish()
+        self._copying = asyncio.create_task(self._copy(chunk.after, chunk.upto))
+
+    async def finish(self) -> None:
+        if self._copying is not None:
+            copying, self._copying = self._copying, None
+            await copying
+
+    def cancel(self) -> None:
+        """Stop copying: the fold failed, and the scratch database goes with it."""
+        if self._copying is not None:
+            self._copying.cancel()
+
+    async def _copy(self, after: int, upto: int) -> None:
+        buffer = io.BytesIO()
+        await self._live.copy_from_query(
+            f"SELECT {LOG_COLUMNS} FROM ledger.events WHERE seq > $1 AND seq <= $2 ORDER BY seq",
+            after,
+            upto,
+            output=buffer,
+            format="binary",
+        )
+        buffer.seek(0)
+        await self._scratch.copy_to_table(
+            "events", schema_name="ledger", columns=LOG_COLUMNS.split(", "), source=buffer,
+            format="binary",
+        )  # fmt: skip
 
 
 async def _documents(live: asyncpg.Connection) -> list[Document]:
@@ -289,9 +356,18 @@ async def _documents(live: asyncpg.Connection) -> list[Document]:
     ]
 
 
+@dataclass
+class Lane:
+    """The events of a segment of some of its customers, in the order they are applied."""
+
+    before: list[Event] = field(default_factory=list)
+    completions: list[JobCompleted] = field(default_factory=list)
+    after: list[Event] = field(default_factory=list)
+
+
 class Segment:
-    """Logged events to apply to the scratch books in one transaction, in an order that gives
-    the books applying them one by one in log order would, with as few statements as can.
+    """Logged events to apply to the scratch books at once, in an order that gives the books
+    applying them one by one in log order would, with as few statements as can.
 
     Completions keep their log order: it rates them and decides what prepaid credit each
     draws. Every other event that changes the books commutes with the completions of other
@@ -300,49 +376,53 @@ class Segment:
     completion is booked a defective verdict makes the booking credit the whole charge,
     after it the verdict credits what is left after any latency credit, and the credits must
     come out as they did live. A prepaid top-up changes what its customer's later completions
-    draw, so one that comes after the segment's first completion starts a new segment."""
+    draw, so one that comes after the segment's first completion starts a new segment.
 
-    def __init__(self) -> None:
-        self.before: list[Event] = []
-        self.completions: list[JobCompleted] = []
-        self.after: list[Event] = []
+    The books of different customers are independent (each has its own periods, wallets,
+    plans and credits; the accounts they share are only added to), so the events are split
+    by customer into lanes, each applied on a connection of its own in a transaction of its
+    own, all at once: the server books one lane while this process rates another."""
+
+    def __init__(self, lanes: int) -> None:
+        assert 1 <= lanes <= LANES_MAX, lanes
+        self.lanes = [Lane() for _ in range(lanes)]
+        self.events = 0
         self._completed: set[str] = set()
-
-    def __len__(self) -> int:
-        return len(self.before) + len(self.completions) + len(self.after)
 
     def takes(self, event: Event) -> bool:
         """Whether `event` can join this segment, keeping the order that matters."""
-        if len(self) >= SEGMENT_EVENTS_MAX:
+        if self.events >= SEGMENT_EVENTS_MAX:
             return False
-        return not (isinstance(event, PrepaidCreditAdded) and self.completions)
+        return not (isinstance(event, PrepaidCreditAdded) and self._completed)
 
     def add(self, event: Event) -> None:
         assert self.takes(event), event
+        lane = self.lanes[zlib.crc32(event.customer_id.encode()) % len(self.lanes)]
         if isinstance(event, JobCompleted):
-            self.completions.append(event)
+            lane.completions.append(event)
             self._completed.add(event.event_id)
         elif isinstance(event, QualityVerdict) and event.completion_event_id in self._completed:
-            self.after.append(event)
+            lane.after.append(event)  # Its completion (the same customer's) is in this lane.
         else:
-            self.before.append(event)
+            lane.before.append(event)
+        self.events += 1
 
 
 class Fold:
     """Applies the log's events and the live documents to the scratch books through the
-    live code."""
+    live code, on one connection per lane (the first also for everything else)."""
 
-    def __init__(self, scratch: asyncpg.Connection, settings: Settings, report: Report) -> None:
-        self.scratch, self.report = scratch, report
+    def __init__(self, lanes: list[asyncpg.Connection], settings: Settings, report: Report) -> None:
+        self.lanes, self.scratch, self.report = lanes, lanes[0], report
         self.slo = books.SloPolicy.from_settings(settings)
-        self.segment = Segment()
+        self.segment = Segment(len(lanes))
 
-    async def copy(self, chunk: list[tuple]) -> None:
-        """Copy a chunk of the log into the scratch log, counting its events by type."""
-        await self.scratch.copy_records_to_table(
-            "events", schema_name="ledger", columns=LOG_COLUMNS, records=chunk
+    async def count_log(self) -> None:
+        """Count the scratch log's events by type: the events replayed from the log."""
+        rows = await self.scratch.fetch(
+            "SELECT event_type, count(*) FROM ledger.events GROUP BY event_type"
         )
-        self.report.events.update(row[_TYPE] for row in chunk)
+        self.report.events.update({r[0]: r[1] for r in rows})
 
     async def event(self, event: Event) -> None:
         """Apply a logged event that changes the books, with the segment it joins."""
@@ -351,16 +431,20 @@ class Fold:
         self.segment.add(event)
 
     async def flush(self) -> None:
-        segment, self.segment = self.segment, Segment()
-        if not segment:
+        segment, self.segment = self.segment, Segment(len(self.lanes))
+        if not segment.events:
             return
-        async with self.scratch.transaction():
-            await books.apply_logged(self.scratch, segment.before)
-            done = segment.completions
-            for first in range(0, len(done), REPLAY_BATCH_MAX):
-                batch = done[first : first + REPLAY_BATCH_MAX]
-                await books.book_logged(self.scratch, batch, None, self.slo)
-            await books.apply_logged(self.scratch, segment.after)
+        async with asyncio.TaskGroup() as lanes:
+            for conn, lane in zip(self.lanes, segment.lanes, strict=True):
+                lanes.create_task(self._apply(conn, lane))
+
+    async def _apply(self, conn: asyncpg.Connection, lane: Lane) -> None:
+        async with conn.transaction():
+            await books.apply_logged(conn, lane.before)
+            for first in range(0, len(lane.completions), REPLAY_BATCH_MAX):
+                batch = lane.completions[first : first + REPLAY_BATCH_MAX]
+                await books.book_logged(conn, batch, None, self.slo)
+            await books.apply_logged(conn, lane.after)
 
     async def unlogged(self, extra: list[books.Logged]) -> None:
         """Log and apply events the log lacks (the streams hold them) through the live
@@ -416,6 +500,7 @@ def _same_transaction(docs: list[Document], start: int) -> int:
 async def fold(
     live: asyncpg.Connection,
     fold_: Fold,
+    log_copy: LogCopy,
     bodies: dict[str, str] | None,
     extra: list[books.Logged],
     progress: Progress | None,
@@ -436,13 +521,14 @@ async def fold(
             next_doc = end
 
     async for chunk in _log_chunks(live, bodies):
-        await fold_.copy(chunk)
-        for row in chunk:
-            if row[_TYPE] == "job.completed" or row[_TYPE] in books.APPLIED_TYPES:
-                await issue_documents_before(row[_RECORDED_AT])
-                await fold_.event(parse_event(row[_BODY]))
+        await log_copy.start(chunk)
+        for recorded_at, body in chunk.applied:
+            await issue_documents_before(recorded_at)
+            await fold_.event(parse_event(body))
         if progress is not None:
-            progress.advance(len(chunk))
+            progress.advance(chunk.events)
+    await log_copy.finish()
+    await fold_.count_log()
     await fold_.unlogged(extra)
     if progress is not None and extra:
         progress.advance(len(extra))
@@ -463,11 +549,18 @@ async def create_scratch(live: asyncpg.Connection, database_url: str) -> tuple[s
     current = await live.fetchval("SELECT current_database()")
     name = f"{current[:40]}_replay_{new_id().lower()[-10:]}"
     await live.execute(f'CREATE DATABASE "{name}"')
+    # A scratch database is dropped if the server crashes mid-replay: no commit waits for the
+    # disk.
+    await live.execute(f'ALTER DATABASE "{name}" SET synchronous_commit = off')
     url = scratch_url(database_url, name)
     await migrate(url)
     scratch = await asyncpg.connect(url)
     try:
         async with scratch.transaction():
+            # The scratch log is a copy, never sealed into a chain of its own.
+            await scratch.execute(
+                "ALTER TABLE ledger.events DISABLE TRIGGER events_queue_for_sealing"
+            )
             tables = ", ".join(f"ledger.{t}" for t in REFERENCE_TABLES)
             # The migrations seed launch prices; the live tables hold them (or their successors).
             await scratch.execute(f"TRUNCATE {tables}")
@@ -780,15 +873,20 @@ async def replay(
         name, url = await create_scratch(live, settings.database_url)
         report.scratch = name
         try:
-            scratch = await connect(url)
+            lanes = [await connect(url) for _ in range(min(LANES_MAX, os.cpu_count() or 1))]
+            scratch, scratch_log = lanes[0], await connect(url)
+            live_log = await connect(settings.database_url)
+            log_copy = LogCopy(live_log, scratch_log)
             try:
                 bodies, extra = (copy.bodies, copy.only_in_streams) if copy else (None, [])
                 fold_started = time.perf_counter()
-                await fold(live, Fold(scratch, settings, report), bodies, extra, progress)
+                await fold(live, Fold(lanes, settings, report), log_copy, bodies, extra, progress)
                 report.fold_s = time.perf_counter() - fold_started
                 await diff(live, scratch, window, report)
             finally:
-                await scratch.close()
+                log_copy.cancel()
+                for conn in (*lanes, scratch_log, live_log):
+                    await conn.close()
         finally:
             if not keep:
                 await drop_scratch(live, name)

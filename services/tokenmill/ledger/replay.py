@@ -242,16 +242,11 @@ class Document:
     currency: str
 
 
-# The log's columns as a replay copies them into the scratch log (seq is the scratch's own:
-# the copy keeps the log's order).
-LOG_COLUMNS = ", ".join((
-    "event_id", "event_type", "stream", "customer_id", "request_id", "occurred_at", "body",
-    "recorded_at",
-))  # fmt: skip
-# The end and size of the log's next chunk: its first LOG_CHUNK_ROWS events after a seq.
+# The log's next chunk after a seq: its first LOG_CHUNK_ROWS events, counted by type, and the
+# last seq among them.
 _NEXT_CHUNK = (
-    "SELECT count(*), max(seq) FROM (SELECT seq FROM ledger.events WHERE seq > $1 "
-    "ORDER BY seq LIMIT $2) chunk"
+    "SELECT event_type, count(*), max(seq) FROM (SELECT seq, event_type FROM ledger.events "
+    "WHERE seq > $1 ORDER BY seq LIMIT $2) chunk GROUP BY event_type"
 )
 _APPLIED_IN_CHUNK = (
     "SELECT event_id, body, recorded_at FROM ledger.events WHERE seq > $1 AND seq <= $2 "
@@ -262,12 +257,12 @@ APPLIED_TYPES = sorted({"job.completed", *books.APPLIED_TYPES})
 
 @dataclass(frozen=True)
 class LogChunk:
-    """The log's events with seqs in (after, upto]: how many, and those that change the books
-    as (recorded_at, text) in log order."""
+    """The log's events with seqs in (after, upto]: how many of each type, and those that
+    change the books as (recorded_at, text) in log order."""
 
     after: int
     upto: int
-    events: int
+    events: Counter
     applied: list[tuple[datetime, str]]
 
 
@@ -275,12 +270,17 @@ async def _log_chunks(
     live: asyncpg.Connection, bodies: dict[str, str] | None
 ) -> AsyncIterator[LogChunk]:
     """The log in log order (seq), a chunk at a time; with `bodies` (event id → text), an
-    event's text is taken from there when it is there."""
+    event's text is taken from there when it is there.
+
+    The events that change no books (a job submitted or started, a booking announced) are
+    counted, not read: the fold would do nothing with them, and the scratch database holds
+    the rebuilt books, not a second copy of the log."""
     after = 0
     while True:
-        events, upto = await live.fetchrow(_NEXT_CHUNK, after, LOG_CHUNK_ROWS)
-        if not events:
+        types = await live.fetch(_NEXT_CHUNK, after, LOG_CHUNK_ROWS)
+        if not types:
             return
+        upto = max(r[2] for r in types)
         rows = await live.fetch(_APPLIED_IN_CHUNK, after, upto, APPLIED_TYPES)
         applied = [
             (
@@ -289,51 +289,8 @@ async def _log_chunks(
             )
             for r in rows
         ]
-        yield LogChunk(after, upto, events, applied)
+        yield LogChunk(after, upto, Counter({r[0]: r[1] for r in types}), applied)
         after = upto
-
-
-class LogCopy:
-    """Copies the log into the scratch log a chunk at a time, on connections of its own, so
-    that the server writes one chunk while the fold applies the next to the books.
-
-    The books never read the log: only the events the streams alone hold, which are appended
-    after the whole log is copied, and the diff need it. The copy is the log's text; with
-    `--source redis` the books are rebuilt from the streams' text where they hold it."""
-
-    def __init__(self, live: asyncpg.Connection, scratch: asyncpg.Connection) -> None:
-        self._live, self._scratch = live, scratch
-        self._copying: asyncio.Task | None = None
-
-    async def start(self, chunk: LogChunk) -> None:
-        """Copy `chunk` once the chunk before it is copied (without waiting for it)."""
-        await self.finish()
-        self._copying = asyncio.create_task(self._copy(chunk.after, chunk.upto))
-
-    async def finish(self) -> None:
-        if self._copying is not None:
-            copying, self._copying = self._copying, None
-            await copying
-
-    def cancel(self) -> None:
-        """Stop copying: the fold failed, and the scratch database goes with it."""
-        if self._copying is not None:
-            self._copying.cancel()
-
-    async def _copy(self, after: int, upto: int) -> None:
-        buffer = io.BytesIO()
-        await self._live.copy_from_query(
-            f"SELECT {LOG_COLUMNS} FROM ledger.events WHERE seq > $1 AND seq <= $2 ORDER BY seq",
-            after,
-            upto,
-            output=buffer,
-            format="binary",
-        )
-        buffer.seek(0)
-        await self._scratch.copy_to_table(
-            "events", schema_name="ledger", columns=LOG_COLUMNS.split(", "), source=buffer,
-            format="binary",
-        )  # fmt: skip
 
 
 async def _documents(live: asyncpg.Connection) -> list[Document]:
@@ -417,13 +374,6 @@ class Fold:
         self.slo = books.SloPolicy.from_settings(settings)
         self.segment = Segment(len(lanes))
 
-    async def count_log(self) -> None:
-        """Count the scratch log's events by type: the events replayed from the log."""
-        rows = await self.scratch.fetch(
-            "SELECT event_type, count(*) FROM ledger.events GROUP BY event_type"
-        )
-        self.report.events.update({r[0]: r[1] for r in rows})
-
     async def event(self, event: Event) -> None:
         """Apply a logged event that changes the books, with the segment it joins."""
         if not self.segment.takes(event):
@@ -500,7 +450,6 @@ def _same_transaction(docs: list[Document], start: int) -> int:
 async def fold(
     live: asyncpg.Connection,
     fold_: Fold,
-    log_copy: LogCopy,
     bodies: dict[str, str] | None,
     extra: list[books.Logged],
     progress: Progress | None,
@@ -521,14 +470,12 @@ async def fold(
             next_doc = end
 
     async for chunk in _log_chunks(live, bodies):
-        await log_copy.start(chunk)
+        fold_.report.events.update(chunk.events)
         for recorded_at, body in chunk.applied:
             await issue_documents_before(recorded_at)
             await fold_.event(parse_event(body))
         if progress is not None:
-            progress.advance(chunk.events)
-    await log_copy.finish()
-    await fold_.count_log()
+            progress.advance(chunk.events.total())
     await fold_.unlogged(extra)
     if progress is not None and extra:
         progress.advance(len(extra))
@@ -557,10 +504,6 @@ async def create_scratch(live: asyncpg.Connection, database_url: str) -> tuple[s
     scratch = await asyncpg.connect(url)
     try:
         async with scratch.transaction():
-            # The scratch log is a copy, never sealed into a chain of its own.
-            await scratch.execute(
-                "ALTER TABLE ledger.events DISABLE TRIGGER events_queue_for_sealing"
-            )
             tables = ", ".join(f"ledger.{t}" for t in REFERENCE_TABLES)
             # The migrations seed launch prices; the live tables hold them (or their successors).
             await scratch.execute(f"TRUNCATE {tables}")
@@ -592,11 +535,14 @@ FROM ledger.request_usage WHERE completed_at >= $1 AND completed_at < $2
   AND request_id > $3 AND ($4::text IS NULL OR request_id <= $4)
 ORDER BY request_id LIMIT $5
 """
+# A credit's time is its cause's (an event's occurred_at), which its posting carries: the
+# scratch database holds no log to look it up in.
 _CREDITS = """
 SELECT coalesce(c.request_id, c.event_id) AS request_id, c.reason, c.customer_id, c.amount,
        c.currency, c.period
-FROM ledger.credits c JOIN ledger.events e USING (event_id)
-WHERE e.occurred_at >= $1 AND e.occurred_at < $2
+FROM ledger.credits c JOIN ledger.postings p
+  ON p.event_id = c.event_id AND p.kind = 'credit:' || c.reason
+WHERE p.effective_at >= $1 AND p.effective_at < $2
 """
 _OPENING = """
 SELECT l.account_id, l.currency, sum(l.amount) AS amount
@@ -874,18 +820,15 @@ async def replay(
         report.scratch = name
         try:
             lanes = [await connect(url) for _ in range(min(LANES_MAX, os.cpu_count() or 1))]
-            scratch, scratch_log = lanes[0], await connect(url)
-            live_log = await connect(settings.database_url)
-            log_copy = LogCopy(live_log, scratch_log)
+            scratch = lanes[0]
             try:
                 bodies, extra = (copy.bodies, copy.only_in_streams) if copy else (None, [])
                 fold_started = time.perf_counter()
-                await fold(live, Fold(lanes, settings, report), log_copy, bodies, extra, progress)
+                await fold(live, Fold(lanes, settings, report), bodies, extra, progress)
                 report.fold_s = time.perf_counter() - fold_started
                 await diff(live, scratch, window, report)
             finally:
-                log_copy.cancel()
-                for conn in (*lanes, scratch_log, live_log):
+                for conn in lanes:
                     await conn.close()
         finally:
             if not keep:

@@ -151,7 +151,9 @@ async def _ensure_accounts(conn: asyncpg.Connection, pairs: Iterable[tuple[str, 
     await conn.execute(
         "INSERT INTO ledger.accounts (account_id, type, currency) "
         "SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) "
-        "ON CONFLICT (account_id) DO NOTHING",
+        # No conflict target: an account another transaction is creating meanwhile conflicts
+        # on (account_id, currency) too, which a target of account_id alone would raise on.
+        "ON CONFLICT DO NOTHING",
         [account for account, _ in ordered],
         [account_type(account) for account, _ in ordered],
         [currency for _, currency in ordered],

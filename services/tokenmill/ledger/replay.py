@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import io
 import json
 import os
@@ -49,7 +50,8 @@ import sys
 import time
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -373,6 +375,7 @@ class Fold:
         self.lanes, self.scratch, self.report = lanes, lanes[0], report
         self.slo = books.SloPolicy.from_settings(settings)
         self.segment = Segment(len(lanes))
+        self._applying: asyncio.Task | None = None
 
     async def event(self, event: Event) -> None:
         """Apply a logged event that changes the books, with the segment it joins."""
@@ -381,9 +384,30 @@ class Fold:
         self.segment.add(event)
 
     async def flush(self) -> None:
+        """Start applying the segment, once the one before it is applied: the fold reads and
+        parses the next segment meanwhile."""
+        await self.settle()
         segment, self.segment = self.segment, Segment(len(self.lanes))
-        if not segment.events:
-            return
+        if segment.events:
+            self._applying = asyncio.create_task(self._apply_segment(segment))
+
+    async def settle(self) -> None:
+        """Wait until every segment started is applied."""
+        if self._applying is not None:
+            applying, self._applying = self._applying, None
+            await applying
+
+    async def drain(self) -> None:
+        """Apply every event so far: the books are then those of the log up to here."""
+        await self.flush()
+        await self.settle()
+
+    def abandon(self) -> None:
+        """Stop applying (the fold failed; its scratch books are dropped)."""
+        if self._applying is not None:
+            self._applying.cancel()
+
+    async def _apply_segment(self, segment: Segment) -> None:
         async with asyncio.TaskGroup() as lanes:
             for conn, lane in zip(self.lanes, segment.lanes, strict=True):
                 lanes.create_task(self._apply(conn, lane))
@@ -399,7 +423,7 @@ class Fold:
     async def unlogged(self, extra: list[books.Logged]) -> None:
         """Log and apply events the log lacks (the streams hold them) through the live
         consumers' entry points, one at a time in their order."""
-        await self.flush()
+        await self.drain()
         for logged in extra:
             self.report.events[logged.event.type] += 1
             async with self.scratch.transaction():
@@ -411,7 +435,7 @@ class Fold:
     async def documents(self, docs: list[Document]) -> None:
         """Re-issue `docs` (one live transaction's: one time, kind and period) with the live
         code; a document that comes out differently (or not at all) is found by the diff."""
-        await self.flush()
+        await self.drain()
         first = docs[0]
         year = first.at.astimezone(UTC).year
         if first.kind == "credit_note":
@@ -469,18 +493,44 @@ async def fold(
             await fold_.documents(documents[next_doc:end])
             next_doc = end
 
-    async for chunk in _log_chunks(live, bodies):
-        fold_.report.events.update(chunk.events)
-        for recorded_at, body in chunk.applied:
-            await issue_documents_before(recorded_at)
-            await fold_.event(parse_event(body))
-        if progress is not None:
-            progress.advance(chunk.events.total())
-    await fold_.unlogged(extra)
-    if progress is not None and extra:
-        progress.advance(len(extra))
-    await issue_documents_before(None)
-    await fold_.flush()
+    with _collecting_rarely():
+        try:
+            async for chunk in _log_chunks(live, bodies):
+                fold_.report.events.update(chunk.events)
+                for recorded_at, body in chunk.applied:
+                    await issue_documents_before(recorded_at)
+                    await fold_.event(parse_event(body))
+                if progress is not None:
+                    progress.advance(chunk.events.total())
+            await fold_.unlogged(extra)
+            if progress is not None and extra:
+                progress.advance(len(extra))
+            await issue_documents_before(None)
+            await fold_.drain()
+        finally:
+            fold_.abandon()
+
+
+# The cyclic garbage collector's thresholds while a fold runs (the defaults are 700, 10, 10).
+FOLD_GC_THRESHOLDS = (50_000, 20, 100)
+
+
+@contextmanager
+def _collecting_rarely() -> Iterator[None]:
+    """Collect cyclic garbage rarely, and never walk the objects that were alive before.
+
+    A fold allocates millions of short-lived objects (events, bookings, rows) and makes no
+    cycles of its own, so frequent collections only walk the same live objects again and
+    again: `make bench-replay` measured a fold's CPU time 20 to 35 % lower this way."""
+    thresholds = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*FOLD_GC_THRESHOLDS)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
 
 
 # --- the scratch database -----------------------------------------------------------------

@@ -460,6 +460,7 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> None:
         # Bad input is refused before anything is connected to, with argparse's status.
         try:
             replay.window_of(args)
+            replay.lanes_of(args)
         except replay.ReplayInputError as exc:
             print(f"tokenmill audit replay: {exc}", file=sys.stderr)
             raise SystemExit(2) from None

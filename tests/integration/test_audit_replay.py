@@ -160,11 +160,13 @@ async def mixed_month(pool: asyncpg.Pool, settings: Settings) -> dict[str, list[
     return sent
 
 
+@pytest.mark.parametrize("lanes", [1, 3])
 async def test_a_mixed_month_replays_to_the_same_books_and_invoices(
-    live: Settings, audit_pool: asyncpg.Pool
+    live: Settings, audit_pool: asyncpg.Pool, lanes: int
 ) -> None:
+    """In one lane (this process) and in three (processes, customers split among them)."""
     await mixed_month(audit_pool, live)
-    report = await replay.replay(live, WINDOW)
+    report = await replay.replay(live, WINDOW, lanes=lanes)
     assert report.ok, report.text()
     assert report.counts["requests"] == {"live": 58, "rebuilt": 58}
     assert report.counts["invoice"] == {"live": 5, "rebuilt": 5}
@@ -257,7 +259,7 @@ async def test_the_command_exits_non_zero_on_a_difference_and_2_on_bad_input(
     live: Settings, audit_pool: asyncpg.Pool
 ) -> None:
     await mixed_month(audit_pool, live)
-    equal = _cli(live, "--from", "2026-10-01", "--to", "2026-11-01")
+    equal = _cli(live, "--from", "2026-10-01", "--to", "2026-11-01", "--lanes", "2")
     assert equal.returncode == 0, equal.stdout + equal.stderr
     assert "OK: the rebuilt books equal the live books" in equal.stdout
     async with audit_pool.acquire() as conn:
@@ -275,6 +277,8 @@ async def test_the_command_exits_non_zero_on_a_difference_and_2_on_bad_input(
     nonsense = _cli(live, "--from", "last tuesday")
     assert nonsense.returncode == 2
     assert "--from 'last tuesday' is not an ISO 8601 date or time" in nonsense.stderr
+    no_lanes = _cli(live, "--from", "2026-10-01", "--lanes", "0")
+    assert no_lanes.returncode == 2 and "--lanes 0 is not between 1 and" in no_lanes.stderr
     databases = await audit_pool.fetchval(
         "SELECT count(*) FROM pg_database WHERE datname LIKE '%_replay_%' AND datname LIKE $1",
         (await audit_pool.fetchval("SELECT current_database()"))[:40] + "%",

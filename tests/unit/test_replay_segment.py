@@ -1,29 +1,19 @@
-"""How a replay groups the log's events into segments: completions keep their log order, other
-events go around them as the order that matters allows, and customers are split into lanes."""
+"""How a replay's fold groups the log's events into segments: completions keep their log order,
+and other events go around them as the order that matters allows."""
 
 from __future__ import annotations
 
-from decimal import Decimal
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from tests.integration.test_journal import completion, prepaid_added, verdict
-from tokenmill.events import PowerSample, utc_now
-from tokenmill.ledger import replay
-from tokenmill.ledger.replay import Segment
-
-
-def lane_of(segment: Segment, customer_id: str) -> replay.Lane:
-    (lane,) = [lane for lane in segment.lanes if customer_id in _customers(lane)]
-    return lane
-
-
-def _customers(lane: replay.Lane) -> set[str]:
-    return {e.customer_id for e in (*lane.before, *lane.completions, *lane.after)}
+from tokenmill.ledger import refold
+from tokenmill.ledger.refold import Document, Segment
 
 
 def test_a_verdict_goes_before_the_completions_unless_its_completion_came_first() -> None:
-    segment = Segment(1)
+    segment = Segment()
     first, second = completion("cus_a"), completion("cus_a")
     early = verdict(second)  # Judged before the ledger saw the completion.
     segment.add(first)
@@ -31,14 +21,14 @@ def test_a_verdict_goes_before_the_completions_unless_its_completion_came_first(
     segment.add(second)
     late = verdict(first)
     segment.add(late)
-    (lane,) = segment.lanes
-    assert lane.completions == [first, second]
-    assert lane.before == [early]
-    assert lane.after == [late]
+    assert segment.completions == [first, second]
+    assert segment.before == [early]
+    assert segment.after == [late]
+    assert segment.events == 4
 
 
 def test_a_prepaid_top_up_after_a_completion_starts_a_new_segment() -> None:
-    segment = Segment(2)
+    segment = Segment()
     top_up = prepaid_added("cus_a", "1.00")
     assert segment.takes(top_up)
     segment.add(top_up)
@@ -48,29 +38,20 @@ def test_a_prepaid_top_up_after_a_completion_starts_a_new_segment() -> None:
 
 
 def test_a_segment_is_bounded() -> None:
-    segment = Segment(1)
-    for _ in range(replay.SEGMENT_EVENTS_MAX):
+    segment = Segment()
+    for _ in range(refold.SEGMENT_EVENTS_MAX):
         segment.add(completion("cus_a"))
     assert not segment.takes(completion("cus_a"))
     with pytest.raises(AssertionError):
         segment.add(completion("cus_a"))
 
 
-def test_each_customer_stays_in_one_lane_in_log_order() -> None:
-    segment = Segment(2)
-    done = [completion(f"cus_{i % 7}") for i in range(70)]
-    for event in done:
-        segment.add(event)
-    sample = PowerSample(
-        producer="test", customer_id="", request_id="", region="eu-west", meter="modelled",
-        device="cpu", estimated=True, window_start=utc_now(), window_end=utc_now(),
-        energy_j=Decimal(1), power_w=Decimal(1),
-    )  # fmt: skip
-    segment.add(sample)
-    assert segment.events == 71
-    for i in range(7):
-        lane = lane_of(segment, f"cus_{i}")
-        assert [e for e in lane.completions if e.customer_id == f"cus_{i}"] == done[i::7]
-    assert sum(len(lane.completions) for lane in segment.lanes) == 70
-    assert all(lane.completions for lane in segment.lanes), "7 customers over 2 lanes"
-    assert sum(sample in lane.before for lane in segment.lanes) == 1
+def test_documents_issued_in_one_transaction_are_one_group() -> None:
+    at = datetime(2026, 11, 1, tzinfo=UTC)
+
+    def doc(number: str, when: datetime, kind: str = "invoice") -> Document:
+        return Document(when, number, kind, f"cus_{number}", None, "USD")
+
+    docs = [doc("1", at), doc("2", at), doc("3", at, "credit_note"), doc("4", at + timedelta(1))]
+    groups = refold.document_groups(docs)
+    assert [[d.number for d in group] for group in groups] == [["1", "2"], ["3"], ["4"]]

@@ -41,17 +41,12 @@ invoices' lines as different if live placed it the other way.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import gc
 import io
 import json
-import os
 import sys
 import time
-import zlib
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -65,16 +60,10 @@ from redis.exceptions import ResponseError
 from tokenmill.batches import _unpack
 from tokenmill.db import connect, migrate
 from tokenmill.events import (
-    Event,
-    JobCompleted,
-    JobFailed,
-    PrepaidCreditAdded,
-    QualityVerdict,
     new_id,
     parse_event,
 )
-from tokenmill.ledger import books, invoices
-from tokenmill.ledger.billing import Period
+from tokenmill.ledger import books, refold
 from tokenmill.ledger.commands import Progress
 from tokenmill.settings import Settings
 from tokenmill.signing import SIGNATURE_HEADER, SigningKeys
@@ -90,17 +79,7 @@ REFERENCE_TABLES = (
     "price_bands",
     "customer_plans",
 )
-LOG_CHUNK_ROWS = 20_000
 STREAM_FETCH_ENTRIES = 10_000
-# Completions booked per call in the scratch books; larger than the live consumer's batches
-# because nothing waits on them (a summary posting is split at its own limit).
-REPLAY_BATCH_MAX = 5_000
-# Events applied to the scratch books at once, at most.
-SEGMENT_EVENTS_MAX = 20_000
-# Connections a replay books on at once, at most (a segment's customers are split among them);
-# it uses one per core.
-LANES_MAX = 4
-DOCUMENT_BATCH = 100
 DIFF_CHUNK_ROWS = 50_000
 # The ledger's pending entries listed per stream: more than this many in flight at once means
 # the ledger is far behind, and a replay should wait for it.
@@ -227,310 +206,6 @@ def _customers_summed(totals: dict[str, dict[str, str]]) -> dict[str, dict[str, 
         }
         for key, pair in sorted(summed.items())
     }
-
-
-# --- the fold -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Document:
-    """A live invoice finalization or credit-note issue, to re-do at its place in the fold."""
-
-    at: datetime
-    number: str
-    kind: str  # "invoice" | "credit_note"
-    customer_id: str
-    period: Period | None
-    currency: str
-
-
-# The log's next chunk after a seq: its first LOG_CHUNK_ROWS events, counted by type, and the
-# last seq among them.
-_NEXT_CHUNK = (
-    "SELECT event_type, count(*), max(seq) FROM (SELECT seq, event_type FROM ledger.events "
-    "WHERE seq > $1 ORDER BY seq LIMIT $2) chunk GROUP BY event_type"
-)
-_APPLIED_IN_CHUNK = (
-    "SELECT event_id, body, recorded_at FROM ledger.events WHERE seq > $1 AND seq <= $2 "
-    "AND event_type = ANY($3::text[]) ORDER BY seq"
-)
-APPLIED_TYPES = sorted({"job.completed", *books.APPLIED_TYPES})
-
-
-@dataclass(frozen=True)
-class LogChunk:
-    """The log's events with seqs in (after, upto]: how many of each type, and those that
-    change the books as (recorded_at, text) in log order."""
-
-    after: int
-    upto: int
-    events: Counter
-    applied: list[tuple[datetime, str]]
-
-
-async def _log_chunks(
-    live: asyncpg.Connection, bodies: dict[str, str] | None
-) -> AsyncIterator[LogChunk]:
-    """The log in log order (seq), a chunk at a time; with `bodies` (event id → text), an
-    event's text is taken from there when it is there.
-
-    The events that change no books (a job submitted or started, a booking announced) are
-    counted, not read: the fold would do nothing with them, and the scratch database holds
-    the rebuilt books, not a second copy of the log."""
-    after = 0
-    while True:
-        types = await live.fetch(_NEXT_CHUNK, after, LOG_CHUNK_ROWS)
-        if not types:
-            return
-        upto = max(r[2] for r in types)
-        rows = await live.fetch(_APPLIED_IN_CHUNK, after, upto, APPLIED_TYPES)
-        applied = [
-            (
-                r["recorded_at"],
-                r["body"] if bodies is None else bodies.get(r["event_id"], r["body"]),
-            )
-            for r in rows
-        ]
-        yield LogChunk(after, upto, Counter({r[0]: r[1] for r in types}), applied)
-        after = upto
-
-
-async def _documents(live: asyncpg.Connection) -> list[Document]:
-    rows = await live.fetch(
-        "SELECT finalized_at AS at, number, 'invoice' AS kind, customer_id, period, currency "
-        "FROM ledger.invoices WHERE status = 'finalized' UNION ALL "
-        "SELECT issued_at, number, 'credit_note', customer_id, NULL, currency "
-        "FROM ledger.credit_notes ORDER BY at, number"
-    )
-    return [
-        Document(
-            r["at"],
-            r["number"],
-            r["kind"],
-            r["customer_id"],
-            Period(r["period"]) if r["period"] else None,
-            r["currency"],
-        )  # fmt: skip
-        for r in rows
-    ]
-
-
-@dataclass
-class Lane:
-    """The events of a segment of some of its customers, in the order they are applied."""
-
-    before: list[Event] = field(default_factory=list)
-    completions: list[JobCompleted] = field(default_factory=list)
-    after: list[Event] = field(default_factory=list)
-
-
-class Segment:
-    """Logged events to apply to the scratch books at once, in an order that gives the books
-    applying them one by one in log order would, with as few statements as can.
-
-    Completions keep their log order: it rates them and decides what prepaid credit each
-    draws. Every other event that changes the books commutes with the completions of other
-    requests, so it is applied before them, in one set (`books.apply_logged`), except a
-    verdict on a completion earlier in the segment, which is applied after them: before its
-    completion is booked a defective verdict makes the booking credit the whole charge,
-    after it the verdict credits what is left after any latency credit, and the credits must
-    come out as they did live. A prepaid top-up changes what its customer's later completions
-    draw, so one that comes after the segment's first completion starts a new segment.
-
-    The books of different customers are independent (each has its own periods, wallets,
-    plans and credits; the accounts they share are only added to), so the events are split
-    by customer into lanes, each applied on a connection of its own in a transaction of its
-    own, all at once: the server books one lane while this process rates another."""
-
-    def __init__(self, lanes: int) -> None:
-        assert 1 <= lanes <= LANES_MAX, lanes
-        self.lanes = [Lane() for _ in range(lanes)]
-        self.events = 0
-        self._completed: set[str] = set()
-
-    def takes(self, event: Event) -> bool:
-        """Whether `event` can join this segment, keeping the order that matters."""
-        if self.events >= SEGMENT_EVENTS_MAX:
-            return False
-        return not (isinstance(event, PrepaidCreditAdded) and self._completed)
-
-    def add(self, event: Event) -> None:
-        assert self.takes(event), event
-        lane = self.lanes[zlib.crc32(event.customer_id.encode()) % len(self.lanes)]
-        if isinstance(event, JobCompleted):
-            lane.completions.append(event)
-            self._completed.add(event.event_id)
-        elif isinstance(event, QualityVerdict) and event.completion_event_id in self._completed:
-            lane.after.append(event)  # Its completion (the same customer's) is in this lane.
-        else:
-            lane.before.append(event)
-        self.events += 1
-
-
-class Fold:
-    """Applies the log's events and the live documents to the scratch books through the
-    live code, on one connection per lane (the first also for everything else)."""
-
-    def __init__(self, lanes: list[asyncpg.Connection], settings: Settings, report: Report) -> None:
-        self.lanes, self.scratch, self.report = lanes, lanes[0], report
-        self.slo = books.SloPolicy.from_settings(settings)
-        self.segment = Segment(len(lanes))
-        self._applying: asyncio.Task | None = None
-
-    async def event(self, event: Event) -> None:
-        """Apply a logged event that changes the books, with the segment it joins."""
-        if not self.segment.takes(event):
-            await self.flush()
-        self.segment.add(event)
-
-    async def flush(self) -> None:
-        """Start applying the segment, once the one before it is applied: the fold reads and
-        parses the next segment meanwhile."""
-        await self.settle()
-        segment, self.segment = self.segment, Segment(len(self.lanes))
-        if segment.events:
-            self._applying = asyncio.create_task(self._apply_segment(segment))
-
-    async def settle(self) -> None:
-        """Wait until every segment started is applied."""
-        if self._applying is not None:
-            applying, self._applying = self._applying, None
-            await applying
-
-    async def drain(self) -> None:
-        """Apply every event so far: the books are then those of the log up to here."""
-        await self.flush()
-        await self.settle()
-
-    def abandon(self) -> None:
-        """Stop applying (the fold failed; its scratch books are dropped)."""
-        if self._applying is not None:
-            self._applying.cancel()
-
-    async def _apply_segment(self, segment: Segment) -> None:
-        async with asyncio.TaskGroup() as lanes:
-            for conn, lane in zip(self.lanes, segment.lanes, strict=True):
-                lanes.create_task(self._apply(conn, lane))
-
-    async def _apply(self, conn: asyncpg.Connection, lane: Lane) -> None:
-        async with conn.transaction():
-            await books.apply_logged(conn, lane.before)
-            for first in range(0, len(lane.completions), REPLAY_BATCH_MAX):
-                batch = lane.completions[first : first + REPLAY_BATCH_MAX]
-                await books.book_logged(conn, batch, None, self.slo)
-            await books.apply_logged(conn, lane.after)
-
-    async def unlogged(self, extra: list[books.Logged]) -> None:
-        """Log and apply events the log lacks (the streams hold them) through the live
-        consumers' entry points, one at a time in their order."""
-        await self.drain()
-        for logged in extra:
-            self.report.events[logged.event.type] += 1
-            async with self.scratch.transaction():
-                if isinstance(logged.event, JobCompleted | JobFailed):
-                    await books.apply_completions(self.scratch, [logged], None, self.slo)
-                else:
-                    await books.apply_event(self.scratch, logged)
-
-    async def documents(self, docs: list[Document]) -> None:
-        """Re-issue `docs` (one live transaction's: one time, kind and period) with the live
-        code; a document that comes out differently (or not at all) is found by the diff."""
-        await self.drain()
-        first = docs[0]
-        year = first.at.astimezone(UTC).year
-        if first.kind == "credit_note":
-            # One customer at a time, in the live numbers' order: within one sweep the live
-            # code orders notes by invoice id, which a replay cannot reproduce.
-            for doc in docs:
-                await invoices.issue_credit_notes(
-                    self.scratch, DOCUMENT_BATCH, doc.customer_id, year
-                )
-            return
-        assert first.period is not None
-        await invoices.open_drafts_for_unbilled(self.scratch, first.period)
-        drafts = await self.scratch.fetch(
-            "SELECT d.invoice_id FROM ledger.invoices d JOIN unnest($2::text[], $3::text[]) "
-            "AS k(customer_id, currency) USING (customer_id, currency) "
-            "WHERE d.period = $1 AND d.status = 'draft'",
-            first.period.start,
-            [d.customer_id for d in docs],
-            [d.currency for d in docs],
-        )
-        if drafts:
-            # One batch, as live: its numbers follow the same order (customer, currency).
-            ids = [r["invoice_id"] for r in drafts]
-            await invoices.finalize_batch(self.scratch, first.period, ids, year)
-
-
-def _same_transaction(docs: list[Document], start: int) -> int:
-    """The end of the run of documents from `start` that one live transaction issued."""
-    key = (docs[start].at, docs[start].kind, docs[start].period)
-    end = start + 1
-    while end < len(docs) and (docs[end].at, docs[end].kind, docs[end].period) == key:
-        end += 1
-    return end
-
-
-async def fold(
-    live: asyncpg.Connection,
-    fold_: Fold,
-    bodies: dict[str, str] | None,
-    extra: list[books.Logged],
-    progress: Progress | None,
-) -> None:
-    """Replay the log (and then `extra`, events only the streams hold) into the scratch books,
-    re-issuing each live document before the first event the log recorded after it."""
-    documents = await _documents(live)
-    if progress is not None:
-        total = await live.fetchval("SELECT count(*) FROM ledger.events")
-        progress.start(total + len(extra))
-    next_doc = 0
-
-    async def issue_documents_before(at: datetime | None) -> None:
-        nonlocal next_doc
-        while next_doc < len(documents) and (at is None or documents[next_doc].at < at):
-            end = _same_transaction(documents, next_doc)
-            await fold_.documents(documents[next_doc:end])
-            next_doc = end
-
-    with _collecting_rarely():
-        try:
-            async for chunk in _log_chunks(live, bodies):
-                fold_.report.events.update(chunk.events)
-                for recorded_at, body in chunk.applied:
-                    await issue_documents_before(recorded_at)
-                    await fold_.event(parse_event(body))
-                if progress is not None:
-                    progress.advance(chunk.events.total())
-            await fold_.unlogged(extra)
-            if progress is not None and extra:
-                progress.advance(len(extra))
-            await issue_documents_before(None)
-            await fold_.drain()
-        finally:
-            fold_.abandon()
-
-
-# The cyclic garbage collector's thresholds while a fold runs (the defaults are 700, 10, 10).
-FOLD_GC_THRESHOLDS = (50_000, 20, 100)
-
-
-@contextmanager
-def _collecting_rarely() -> Iterator[None]:
-    """Collect cyclic garbage rarely, and never walk the objects that were alive before.
-
-    A fold allocates millions of short-lived objects (events, bookings, rows) and makes no
-    cycles of its own, so frequent collections only walk the same live objects again and
-    again: `make bench-replay` measured a fold's CPU time 20 to 35 % lower this way."""
-    thresholds = gc.get_threshold()
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*FOLD_GC_THRESHOLDS)
-    try:
-        yield
-    finally:
-        gc.set_threshold(*thresholds)
-        gc.unfreeze()
 
 
 # --- the scratch database -----------------------------------------------------------------
@@ -851,9 +526,12 @@ async def replay(
     source: str = "log",
     keep: bool = False,
     progress: Progress | None = None,
+    lanes: int | None = None,
 ) -> Report:
-    """Rebuild the books from the log (or the streams' copy of it) and diff them."""
+    """Rebuild the books from the log (or the streams' copy of it) in `lanes` processes (one
+    per core by default) and diff them."""
     assert source in SOURCES, source
+    lanes = lanes or refold.lanes_here()
     started = time.perf_counter()
     live = await connect(settings.database_url)
     report = Report(window, source, "")
@@ -869,17 +547,17 @@ async def replay(
         name, url = await create_scratch(live, settings.database_url)
         report.scratch = name
         try:
-            lanes = [await connect(url) for _ in range(min(LANES_MAX, os.cpu_count() or 1))]
-            scratch = lanes[0]
+            scratch = await connect(url)
             try:
                 bodies, extra = (copy.bodies, copy.only_in_streams) if copy else (None, [])
                 fold_started = time.perf_counter()
-                await fold(live, Fold(lanes, settings, report), bodies, extra, progress)
+                slo = books.SloPolicy.from_settings(settings)
+                job = refold.LaneJob(settings.database_url, url, slo, lanes, bodies=bodies)
+                report.events = await refold.fold(live, scratch, job, extra, progress)
                 report.fold_s = time.perf_counter() - fold_started
                 await diff(live, scratch, window, report)
             finally:
-                for conn in lanes:
-                    await conn.close()
+                await scratch.close()
         finally:
             if not keep:
                 await drop_scratch(live, name)
@@ -920,6 +598,14 @@ def add_command(actions: argparse._SubParsersAction) -> None:
         action="store_true",
         help="show progress on stderr even when it is not a terminal",
     )
+    replay_.add_argument(
+        "--lanes",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"fold in N processes, customers split among them (1 to {refold.LANES_MAX}; "
+        "default: one per core)",
+    )
     replay_.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -928,10 +614,21 @@ def window_of(args: argparse.Namespace, now: datetime | None = None) -> Window:
     return Window.parse(args.time_from, args.time_to, now or datetime.now(UTC))
 
 
+def lanes_of(args: argparse.Namespace) -> int:
+    """The lanes the arguments ask for; raises ReplayInputError before anything is touched."""
+    if args.lanes is None:
+        return refold.lanes_here()
+    if not 1 <= args.lanes <= refold.LANES_MAX:
+        raise ReplayInputError(f"--lanes {args.lanes} is not between 1 and {refold.LANES_MAX}")
+    return args.lanes
+
+
 async def command(settings: Settings, args: argparse.Namespace) -> tuple[str, bool]:
-    window = window_of(args)
+    window, lanes = window_of(args), lanes_of(args)
     show = args.progress or sys.stderr.isatty()
     progress = Progress(sys.stderr, "replay") if show else None
-    report = await replay(settings, window, source=args.source, keep=args.keep, progress=progress)
+    report = await replay(
+        settings, window, source=args.source, keep=args.keep, progress=progress, lanes=lanes
+    )
     text = json.dumps(report.as_json(), indent=2) if args.json else report.text()
     return text, report.ok

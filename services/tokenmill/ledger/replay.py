@@ -250,15 +250,25 @@ async def drop_scratch(live: asyncpg.Connection, name: str) -> None:
 
 # --- the diff -----------------------------------------------------------------------------
 
-_REQUESTS_AFTER = """
-SELECT request_id, completion_event_id, customer_id, tier, model, currency, plan_id,
-       plan_version, price_version, prompt_tokens, completion_tokens, cached_prompt_tokens,
-       charged_input_tokens, charged_cached_input_tokens, charged_output_tokens,
-       revenue_input, revenue_cached_input, revenue_output, revenue, energy_j, energy_cost,
-       compute_cost, cost, margin, submitted_at, completed_at
-FROM ledger.request_usage WHERE completed_at >= $1 AND completed_at < $2
+# The columns of a request's sub-ledger row that a replay compares.
+_REQUEST_COLUMNS = """request_id, completion_event_id, customer_id, tier, model, currency,
+       plan_id, plan_version, price_version, prompt_tokens, completion_tokens,
+       cached_prompt_tokens, charged_input_tokens, charged_cached_input_tokens,
+       charged_output_tokens, revenue_input, revenue_cached_input, revenue_output, revenue,
+       energy_j, energy_cost, compute_cost, cost, margin, submitted_at, completed_at"""
+_IN_WINDOW = "completed_at >= $1 AND completed_at < $2"
+# The window's requests after an id (up to another), each as its id and a digest of its
+# compared columns: only the rows whose digests differ are read whole.
+_REQUEST_DIGESTS = f"""
+SELECT request_id, md5(ROW({_REQUEST_COLUMNS})::text)
+FROM ledger.request_usage WHERE {_IN_WINDOW}
   AND request_id > $3 AND ($4::text IS NULL OR request_id <= $4)
 ORDER BY request_id LIMIT $5
+"""
+_REQUESTS = f"SELECT {_REQUEST_COLUMNS} FROM ledger.request_usage WHERE request_id = ANY($1)"
+_REQUEST_TOTALS = f"""
+SELECT currency, count(*), sum(revenue) AS revenue, sum(cost) AS cost
+FROM ledger.request_usage WHERE {_IN_WINDOW} GROUP BY currency
 """
 # A credit's time is its cause's (an event's occurred_at), which its posting carries: the
 # scratch database holds no log to look it up in.
@@ -376,25 +386,36 @@ async def _diff_requests(
     totals: dict[str, dict[str, Decimal]],
 ) -> None:
     """Diff the window's sub-ledger rows a range of request ids at a time (a month holds
-    millions: both sides whole would not fit in memory), adding up their totals."""
+    millions: both sides whole would not fit in memory) by their digests, reading whole only
+    the rows that differ; add up their totals."""
     counts = {"live": 0, "rebuilt": 0}
+    for side, conn in (("live", live), ("rebuilt", scratch)):
+        for row in await conn.fetch(_REQUEST_TOTALS, *span):
+            counts[side] += row["count"]
+            totals[side][f"revenue {row['currency']}"] += row["revenue"]
+            totals[side][f"cost {row['currency']}"] += row["cost"]
+    report.counts["requests"] = counts
     after: str = ""
     while True:
-        live_rows = await live.fetch(_REQUESTS_AFTER, *span, after, None, DIFF_CHUNK_ROWS)
+        live_rows = await live.fetch(_REQUEST_DIGESTS, *span, after, None, DIFF_CHUNK_ROWS)
         full = len(live_rows) == DIFF_CHUNK_ROWS
-        upto = live_rows[-1]["request_id"] if full else None
-        rebuilt_rows = await scratch.fetch(_REQUESTS_AFTER, *span, after, upto, None)
-        for side, rows in (("live", live_rows), ("rebuilt", rebuilt_rows)):
-            counts[side] += len(rows)
-            for row in rows:
-                totals[side][f"revenue {row['currency']}"] += row["revenue"]
-                totals[side][f"cost {row['currency']}"] += row["cost"]
-        keyed = [_keyed(rows, lambda r: r["request_id"]) for rows in (live_rows, rebuilt_rows)]
-        _diff("request", *keyed, report.differences)
+        upto = live_rows[-1][0] if full else None
+        rebuilt_rows = await scratch.fetch(_REQUEST_DIGESTS, *span, after, upto, None)
+        live_digests, rebuilt_digests = dict(live_rows), dict(rebuilt_rows)
+        differ = [
+            request_id
+            for request_id in live_digests.keys() | rebuilt_digests.keys()
+            if live_digests.get(request_id) != rebuilt_digests.get(request_id)
+        ]
+        if differ:
+            keyed = [
+                _keyed(await conn.fetch(_REQUESTS, differ), lambda r: r["request_id"])
+                for conn in (live, scratch)
+            ]
+            _diff("request", *keyed, report.differences)
         if upto is None:
             break
         after = upto
-    report.counts["requests"] = counts
 
 
 def _add_totals(side: dict[str, dict[Any, dict]], totals: dict[str, Decimal]) -> None:

@@ -654,7 +654,7 @@ async def apply_logged(conn: asyncpg.Connection, events: Sequence[Event]) -> Non
     kind commute (verdicts on one completion: the first is kept and the credit is given once
     whichever gives it), so the events are applied kind by kind, verdicts and samples each in
     one statement. Completions are the exception (their order rates them), which the callers
-    keep: `tokenmill audit replay` explains how it places these around a batch of them."""
+    keep: `refold.Segment` says how a replay places these around a batch of them."""
     by_type: dict[type, list[Event]] = defaultdict(list)
     for event in events:
         by_type[type(event)].append(event)

@@ -3,7 +3,9 @@
 The books are a fold over the log: every projection (request_usage, the journal, credits,
 period and prepaid positions, invoice drafts) is written by `books.apply_event` and
 `books.apply_completions` as each event is logged, and nothing else writes them. A replay runs
-that same code over the log's events, in the log's order (`seq`), into a **scratch database**
+the same code (`books.book_logged` and `books.apply_logged`, which those two call after the
+log append) over the log's events (`ledger/refold.py`: in log order where it matters, in
+lanes of customers, one process each), into a **scratch database**
 migrated by the same migrations, so the database's own rules (the double-entry check, the
 draft-opening triggers, each credit's period) take part exactly as they do live. A scratch
 schema would need every `ledger.` name in our SQL, triggers and functions parameterized; a

@@ -11,9 +11,10 @@ DATABASE from), in a throwaway database:
    quality consumer uses (`books.apply_logged` after the log append, here a batch per
    transaction instead of one each, to make the month sooner); the events that change no books
    are only appended;
-2. runs the replay (`replay.replay`: scratch database, fold, diff) over October, and prints the
-   events and requests folded per second, the fold and end-to-end times, and whether the books
-   agreed.
+2. runs the replay (`replay.replay`: scratch database, fold, diff) over October, once in one
+   lane (one process) and once in one lane per core (`--lanes` to choose), and prints for each
+   the events and requests folded per second, the fold and end-to-end times, the fold's speed
+   against the first, and whether the books agreed.
 
 The live logging and booking in step 1 is timed too, as the baseline of the same run.
 """
@@ -42,7 +43,7 @@ from tokenmill.events import (
     QualityVerdict,
     new_id,
 )
-from tokenmill.ledger import books, invoices, replay
+from tokenmill.ledger import books, invoices, refold, replay
 from tokenmill.ledger.billing import Period
 from tokenmill.settings import Settings
 from tokenmill.streams import Streams
@@ -157,7 +158,7 @@ def _started(done: list[JobCompleted]) -> list[JobStarted]:
     ]
 
 
-async def run(n: int, batch: int) -> dict[str, object]:
+async def run(n: int, batch: int, lanes: list[int]) -> dict[str, object]:
     database = f"tm_bench_replay_{os.getpid()}"
     admin = await asyncpg.connect(ADMIN_URL)
     await admin.execute(f'CREATE DATABASE "{database}"')
@@ -172,25 +173,38 @@ async def run(n: int, batch: int) -> dict[str, object]:
             await pool.execute("VACUUM ANALYZE")
         finally:
             await pool.close()
-        report = await replay.replay(settings, replay.Window(OCTOBER.start_at, OCTOBER.end_at))
+        window = replay.Window(OCTOBER.start_at, OCTOBER.end_at)
+        reports = {k: await replay.replay(settings, window, lanes=k) for k in lanes}
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         await admin.close()
-    assert report.ok, report.text()
-    replayed = sum(report.events.values())
-    assert replayed == logged, (replayed, logged)
+    for report in reports.values():
+        assert report.ok, report.text()
+        assert sum(report.events.values()) == logged, (report.events, logged)
+    first = reports[lanes[0]]
     return {
         "requests": n,
         "events_in_log": logged,
-        "events_by_type": dict(report.events),
+        "events_by_type": dict(first.events),
         "live_booking_s": round(booked_s, 1),
         "live_booked_events_per_s": round(logged / booked_s),
+        "invoices_reissued": first.counts["invoice"]["rebuilt"],
+        "replays": [
+            _numbers(k, report, logged, n, reports[lanes[0]]) for k, report in reports.items()
+        ],  # fmt: skip
+    }
+
+
+def _numbers(
+    lanes: int, report: replay.Report, logged: int, n: int, baseline: replay.Report
+) -> dict[str, object]:
+    return {
+        "lanes": lanes,
         "fold_s": round(report.fold_s, 1),
-        "replayed_events_per_s": round(replayed / report.fold_s),
+        "replayed_events_per_s": round(logged / report.fold_s),
         "replayed_requests_per_s": round(n / report.fold_s),
         "replay_and_diff_s": round(report.elapsed_s, 1),
-        "fold_vs_live_booking": round(booked_s / report.fold_s, 2),
-        "invoices_reissued": report.counts["invoice"]["rebuilt"],
+        "fold_speed_vs_first": round(baseline.fold_s / report.fold_s, 2),
         "books_equal": report.ok,
     }
 
@@ -199,8 +213,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=1_000_000, help="requests in the month")
     parser.add_argument("--batch", type=int, default=1000, help="completions per live batch")
+    parser.add_argument(
+        "--lanes",
+        default=f"1,{refold.lanes_here()}",
+        help="replay once per number of lanes given (comma-separated; default: 1, then one "
+        "per core)",
+    )
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(run(args.n, args.batch)), indent=2))
+    lanes = list(dict.fromkeys(int(k) for k in args.lanes.split(",")))
+    print(json.dumps(asyncio.run(run(args.n, args.batch, lanes)), indent=2))
 
 
 if __name__ == "__main__":

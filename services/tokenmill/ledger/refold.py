@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from itertools import groupby
+from typing import TYPE_CHECKING
 
 import asyncpg
 
@@ -42,7 +43,9 @@ from tokenmill.events import (
 )
 from tokenmill.ledger import books, invoices
 from tokenmill.ledger.billing import Period
-from tokenmill.ledger.commands import Progress
+
+if TYPE_CHECKING:  # Not imported at run time: it brings the PDF renderer, a lane needs none.
+    from tokenmill.ledger.commands import Progress
 
 # The kinds of event that change the books; every other kind is only counted.
 APPLIED_TYPES = sorted({"job.completed", *books.APPLIED_TYPES})

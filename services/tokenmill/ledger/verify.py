@@ -34,11 +34,13 @@ REORDER_LOOKAHEAD_ROWS = 10_000
 # A chunk's events are read as one seq range when the range is at most this many times the
 # chunk (events sealed in about seq order); otherwise, by their seqs one by one.
 _RANGE_SLACK = 4
-# A chunk's events are read as groups of this many consecutive seqs, one row a group: a few
-# hundred rows a chunk rather than one a event, each small enough that neither the server nor
-# this process builds a value so large that its memory is fresh (page faults cost more here
-# than the copying), which a whole chunk as one value would.
+# A chunk's events are read as groups of this many consecutive seqs, one row a group, and its
+# chain rows as groups of this many positions: a few hundred rows a chunk rather than one an
+# event, each small enough that neither the server nor this process builds a value so large
+# that its memory is fresh (page faults cost more here than the copying), which a whole chunk
+# as one value would.
 _GROUP_SEQS = 512
+_GROUP_POSITIONS = 2048
 # The events of a chunk of positions [$1, $2) are one range scan of seqs, in one statement, so
 # that it is sent with the chain's query and runs on the server while the chunk before is
 # hashed (a separate query for the seq range would wait for that hashing to finish). The
@@ -70,12 +72,14 @@ _EVENT_GROUPS = _CHUNK_SEQ_RANGE + (
     "g(bodies, seqs, text) "
     "WHERE g.bodies > 0 AND chunk.high - chunk.low < ($2 - $1) * $3"
 )
-# A chunk's chain rows as one row: how many, and their seqs (as above) and hashes (32 bytes
-# each) in position order, each as one bytea.
-_CHAIN_STRINGS = (
-    "SELECT count(*), string_agg(int8send(event_seq), ''::bytea), string_agg(hash, ''::bytea) "
-    "FROM (SELECT event_seq, hash FROM ledger.event_chain WHERE position >= $1 AND position < $2 "
-    "ORDER BY position) chunk"
+# A chunk's chain rows as groups of $3 consecutive positions, one row a group: how many rows,
+# their seqs (as above) and their hashes (32 bytes each) in position order, each as one bytea.
+_CHAIN_GROUPS = (
+    "SELECT g.count, g.seqs, g.hashes FROM generate_series($1::bigint, $2 - 1, $3) first "
+    "CROSS JOIN LATERAL (SELECT count(*), string_agg(int8send(event_seq), ''::bytea), "
+    "string_agg(hash, ''::bytea) FROM (SELECT event_seq, hash FROM ledger.event_chain "
+    "WHERE position >= first AND position < least(first + $3, $2) ORDER BY position) c) "
+    "g(count, seqs, hashes) WHERE g.count > 0"
 )
 
 
@@ -246,7 +250,9 @@ class _Walk:
         after the chunk before had been hashed, and the server would sit idle meanwhile.
         """
         return (
-            asyncio.create_task(self._chain_conn.fetchrow(_CHAIN_STRINGS, start, stop)),
+            asyncio.create_task(
+                self._chain_conn.fetch(_CHAIN_GROUPS, start, stop, _GROUP_POSITIONS)
+            ),
             asyncio.create_task(
                 self._events_conn.fetch(_EVENT_GROUPS, start, stop, _RANGE_SLACK, _GROUP_SEQS)
             ),
@@ -259,10 +265,12 @@ class _Walk:
         """The chunk's stored hashes (packed) and its events' bodies in position order, in
         batches (None for one whose lines are not its bodies), or None unless it is the usual
         chunk: every position there, and each one's event."""
-        (count, seqs, hashes), groups = await chain_read, await events_read
+        chain_groups, groups = await chain_read, await events_read
         # Positions are unique: as many rows as positions in the range means none is missing.
-        if count != positions or not groups:
+        if sum([group[0] for group in chain_groups]) != positions or not groups:
             return None
+        seqs = b"".join([group[1] for group in chain_groups])
+        hashes = b"".join([group[2] for group in chain_groups])
         if b"".join([group[1] for group in groups]) == seqs:
             # The events in seq order are the chain's in position order. Each group is split
             # only when it is hashed, so that its bodies reuse the memory of the group before.

@@ -159,6 +159,24 @@ async def test_a_body_made_to_hold_the_next_one_is_found_at_its_position(
     assert report.events_verified == 4
 
 
+async def test_a_hash_cut_short_is_found_at_its_position(
+    audit_db: str, audit_pool: asyncpg.Pool
+) -> None:
+    # Verify reads a chunk's hashes packed 32 bytes apiece: one of another length must not shift
+    # the others.
+    pool = await _sealed_log(audit_pool, 30)
+    async with pool.acquire() as conn:
+        await conn.execute("ALTER TABLE ledger.event_chain DROP CONSTRAINT event_chain_hash_check")
+        await tamper(
+            conn,
+            "ledger.event_chain",
+            "UPDATE ledger.event_chain SET hash = substring(hash FROM 2) WHERE position = 11",
+        )
+    report = await verify(audit_db, TRUSTED)
+    assert (report.problem, report.position) == ("payload changed", 11), report.text()
+    assert report.events_verified == 10
+
+
 async def test_a_deleted_row_is_found_at_its_position(
     audit_db: str, audit_pool: asyncpg.Pool
 ) -> None:

@@ -271,6 +271,8 @@ class _Walk:
             return None
         seqs = b"".join([group[1] for group in chain_groups])
         hashes = b"".join([group[2] for group in chain_groups])
+        if len(hashes) != 32 * positions:
+            return None  # A hash of another length (its CHECK dropped) shifts those after it.
         if b"".join([group[1] for group in groups]) == seqs:
             # The events in seq order are the chain's in position order. Each group is split
             # only when it is hashed, so that its bodies reuse the memory of the group before.

@@ -5,13 +5,15 @@ checked against the hashes walked: a body changed, a row deleted, two rows swapp
 rewritten after such a change (it then no longer matches the checkpoints signed before) is
 reported at its position with what went wrong.
 
-Speed is the database read: a chunk's hashes and its events' bodies are read as two range
-scans (one per connection, in parallel on the server), the hashes as one row of arrays (no
-Python row object per event), the bodies as raw UTF-8 bytes, and the chain is checked by
-map() over SHA-256 in C; the next chunk's queries are on the server while this one is
-hashed. A chunk that is not the usual one (a position or an event missing, a hash that does
-not follow) is read again row by row to find and explain its break, so the messages and
-positions are those of the plain walk.
+Speed is how few Python objects an event costs: a chunk's chain rows and its events' bodies
+are read as two range scans (one per connection, in parallel on the server), each as rows
+that pack hundreds of events rather than a row an event: the chain's seqs and hashes packed in
+bytea, the bodies joined by newlines in one text (canonical JSON holds none), split and unpacked
+in C and checked by map() over SHA-256 in C. The next chunk's queries are on the server while
+this one is hashed, and the event loop reads their results between groups. A chunk that is not
+the usual one (a position or an event missing, a body with a newline, a hash that does not
+follow) is read again row by row to find and explain its break, so the messages and positions
+are those of the plain walk.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ REORDER_LOOKAHEAD_ROWS = 10_000
 # chunk (events sealed in about seq order); otherwise, by their seqs one by one.
 _RANGE_SLACK = 4
 # A chunk's events are read as groups of this many consecutive seqs, one row a group, and its
-# chain rows as groups of this many positions: a few hundred rows a chunk rather than one an
+# chain rows as groups of this many positions: about a hundred rows a chunk rather than one an
 # event, each small enough that neither the server nor this process builds a value so large
 # that its memory is fresh (page faults cost more here than the copying), which a whole chunk
 # as one value would.

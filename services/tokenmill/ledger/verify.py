@@ -19,6 +19,7 @@ are those of the plain walk.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import operator
@@ -222,12 +223,13 @@ class _Walk:
             report.fail("rows missing", report.position_from - 1, None, "no chain row there")
             return
         start = report.position_from
-        pending = self._read(start, min(start + fetch_rows, last + 1))
+        chunk_stop = functools.partial(_chunk_stop, first=start, last=last, rows=fetch_rows)
+        pending = self._read(start, chunk_stop(start))
         while start <= last:
-            stop = min(start + fetch_rows, last + 1)
+            stop = chunk_stop(start)
             usual = await self._usual_chunk(*pending, stop - start)
             if stop <= last:
-                pending = self._read(stop, min(stop + fetch_rows, last + 1))
+                pending = self._read(stop, chunk_stop(stop))
                 await asyncio.sleep(0)  # Sends the next chunk's queries before hashing this one.
             hashes = usual and await _hashes_if_chained(*usual, prev_hash)
             if not hashes:
@@ -385,6 +387,15 @@ class _Walk:
             if link(prev_hash, row["body"]) == stored_hash:
                 return row["position"], row["seq"]
         return None
+
+
+def _chunk_stop(start: int, first: int, last: int, rows: int) -> int:
+    """Where the chunk at `start` ends: `rows` on, except near the walk's ends, where chunks
+    grow from a sixteenth of it and shrink back by halves. The verifier waits idle for the
+    first chunk, and the server for the last one to be hashed: small ones shorten both waits.
+    """
+    size = min(rows, start - first, (last + 1 - start) // 2)
+    return min(start + max(rows // 16, size, 1), last + 1)
 
 
 def _first_break(

@@ -7,10 +7,12 @@ import asyncio
 import hashlib
 
 import asyncpg
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.integration.audit_helpers import audit_db, audit_pool, log_events, tamper, template_db
 from tokenmill.ledger import chain
+from tokenmill.ledger import verify as verify_module
 from tokenmill.ledger.verify import verify
 
 __all__ = ["audit_db", "audit_pool", "template_db"]  # Fixtures, used by name.
@@ -69,6 +71,20 @@ async def test_a_late_commit_is_sealed_later_never_skipped(audit_db: str) -> Non
     assert (await verify(audit_db, TRUSTED)).ok
 
 
+async def test_late_commits_are_paired_by_seq_across_groups(
+    audit_db: str, audit_pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Verify reads a chunk's events in groups of consecutive seqs; one seq a group puts the late
+    # events' bodies in other groups than their chain rows' neighbours.
+    monkeypatch.setattr(verify_module, "_GROUP_SEQS", 1)
+    await test_a_late_commit_is_sealed_later_never_skipped(audit_db)
+    async with audit_pool.acquire() as conn:
+        seq = await conn.fetchval("SELECT event_seq FROM ledger.event_chain WHERE position = 3")
+        await tamper(conn, "ledger.events", "DELETE FROM ledger.events WHERE seq = $1", seq)
+    report = await verify(audit_db, TRUSTED)
+    assert (report.problem, report.position, report.seq) == ("rows missing", 3, seq)
+
+
 async def test_concurrent_sealers_never_fork_the_chain(
     audit_db: str, audit_pool: asyncpg.Pool
 ) -> None:
@@ -100,6 +116,65 @@ async def test_a_changed_payload_is_found_at_its_position(
     report = await verify(audit_db, TRUSTED, fetch_rows=8)
     assert (report.problem, report.position, report.seq) == ("payload changed", 17, seq)
     assert report.events_verified == 16
+
+
+async def test_a_break_is_found_at_its_position_when_read_in_small_groups(
+    audit_db: str, audit_pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(verify_module, "_GROUP_SEQS", 3)
+    pool = await _sealed_log(audit_pool, 30)
+    assert (await verify(audit_db, TRUSTED, fetch_rows=8)).events_verified == 30
+    async with pool.acquire() as conn:
+        seq = await conn.fetchval("SELECT event_seq FROM ledger.event_chain WHERE position = 17")
+        await tamper(
+            conn, "ledger.events", "UPDATE ledger.events SET body = body || ' ' WHERE seq = $1", seq
+        )
+    report = await verify(audit_db, TRUSTED, fetch_rows=8)
+    assert (report.problem, report.position, report.seq) == ("payload changed", 17, seq)
+    assert report.events_verified == 16
+
+
+async def test_a_body_made_to_hold_the_next_one_is_found_at_its_position(
+    audit_db: str, audit_pool: asyncpg.Pool
+) -> None:
+    # Verify reads bodies as lines: a body that holds a newline and the next body, with the next
+    # event deleted, must not pass for the two bodies that were sealed.
+    pool = await _sealed_log(audit_pool, 30)
+    async with pool.acquire() as conn:
+        here, after = await conn.fetchval(
+            "SELECT array_agg(event_seq ORDER BY position) FROM ledger.event_chain "
+            "WHERE position IN (5, 6)"
+        )
+        await tamper(
+            conn,
+            "ledger.events",
+            "UPDATE ledger.events e SET body = e.body || E'\\n' || o.body FROM ledger.events o "
+            "WHERE e.seq = $1 AND o.seq = $2",
+            here,
+            after,
+        )
+        await tamper(conn, "ledger.events", "DELETE FROM ledger.events WHERE seq = $1", after)
+    report = await verify(audit_db, TRUSTED)
+    assert (report.problem, report.position, report.seq) == ("payload changed", 5, here)
+    assert report.events_verified == 4
+
+
+async def test_a_hash_cut_short_is_found_at_its_position(
+    audit_db: str, audit_pool: asyncpg.Pool
+) -> None:
+    # Verify reads a chunk's hashes packed 32 bytes apiece: one of another length must not shift
+    # the others.
+    pool = await _sealed_log(audit_pool, 30)
+    async with pool.acquire() as conn:
+        await conn.execute("ALTER TABLE ledger.event_chain DROP CONSTRAINT event_chain_hash_check")
+        await tamper(
+            conn,
+            "ledger.event_chain",
+            "UPDATE ledger.event_chain SET hash = substring(hash FROM 2) WHERE position = 11",
+        )
+    report = await verify(audit_db, TRUSTED)
+    assert (report.problem, report.position) == ("payload changed", 11), report.text()
+    assert report.events_verified == 10
 
 
 async def test_a_deleted_row_is_found_at_its_position(

@@ -5,21 +5,26 @@ checked against the hashes walked: a body changed, a row deleted, two rows swapp
 rewritten after such a change (it then no longer matches the checkpoints signed before) is
 reported at its position with what went wrong.
 
-Speed is the database read: a chunk's hashes and its events' bodies are read as two range
-scans (one per connection, in parallel on the server), the hashes as one row of arrays (no
-Python row object per event), the bodies as raw UTF-8 bytes, and the chain is checked by
-map() over SHA-256 in C; the next chunk's queries are on the server while this one is
-hashed. A chunk that is not the usual one (a position or an event missing, a hash that does
-not follow) is read again row by row to find and explain its break, so the messages and
-positions are those of the plain walk.
+Speed is how few Python objects an event costs: a chunk's chain rows and its events' bodies
+are read as two range scans (one per connection, in parallel on the server), each as rows
+that pack hundreds of events rather than a row an event: the chain's seqs and hashes packed in
+bytea, the bodies joined by newlines in one text (canonical JSON holds none), split and unpacked
+in C and checked by map() over SHA-256 in C. The next chunk's queries are on the server while
+this one is hashed, and the event loop reads their results between groups. A chunk that is not
+the usual one (a position or an event missing, a body with a newline, a hash that does not
+follow) is read again row by row to find and explain its break, so the messages and positions
+are those of the plain walk.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import operator
+import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import asyncpg
@@ -32,7 +37,14 @@ REORDER_LOOKAHEAD_ROWS = 10_000
 # A chunk's events are read as one seq range when the range is at most this many times the
 # chunk (events sealed in about seq order); otherwise, by their seqs one by one.
 _RANGE_SLACK = 4
-# The events of a chunk of positions [$1, $2) as one range scan of seqs, in one statement, so
+# A chunk's events are read as groups of this many consecutive seqs, one row a group, and its
+# chain rows as groups of this many positions: about a hundred rows a chunk rather than one an
+# event, each small enough that neither the server nor this process builds a value so large
+# that its memory is fresh (page faults cost more here than the copying), which a whole chunk
+# as one value would.
+_GROUP_SEQS = 512
+_GROUP_POSITIONS = 2048
+# The events of a chunk of positions [$1, $2) are one range scan of seqs, in one statement, so
 # that it is sent with the chain's query and runs on the server while the chunk before is
 # hashed (a separate query for the seq range would wait for that hashing to finish). The
 # range is a row joined laterally, so the planner scans the seq index from its low to its high
@@ -40,18 +52,37 @@ _RANGE_SLACK = 4
 # from answering min() and max() by walking the event_seq index from its end until a row of
 # the range turns up, a scan of the whole chain. Nothing when the chunk's seqs are spread over
 # $3 times its length or more.
-_EVENTS_IN_SEQ_RANGE = (
+_CHUNK_SEQ_RANGE = (
     "WITH chunk AS MATERIALIZED (SELECT min(s) AS low, max(s) AS high FROM "
     "(SELECT event_seq AS s FROM ledger.event_chain WHERE position >= $1 AND position < $2 "
     "OFFSET 0) seqs) "
+)
+_EVENTS_IN_SEQ_RANGE = _CHUNK_SEQ_RANGE + (
     "SELECT e.seq, e.body FROM chunk CROSS JOIN LATERAL (SELECT seq, body FROM ledger.events "
     "WHERE seq BETWEEN chunk.low AND chunk.high ORDER BY seq) e "
     "WHERE chunk.high - chunk.low < ($2 - $1) * $3"
 )
-# A chunk's chain rows as one row: how many, and their seqs and hashes in position order.
-_CHAIN_ARRAYS = (
-    "SELECT count(*), array_agg(event_seq), array_agg(hash) FROM (SELECT event_seq, hash "
-    "FROM ledger.event_chain WHERE position >= $1 AND position < $2 ORDER BY position) chunk"
+# The same events as groups of $4 consecutive seqs, one row a group: how many bodies, their
+# seqs (8 bytes each, big-endian) as one bytea and their bodies as one text, one line each.
+# Canonical JSON never holds a raw newline (json.dumps escapes it), so the lines are the bodies
+# unless one was changed to hold one, which the count of lines tells.
+_EVENT_GROUPS = _CHUNK_SEQ_RANGE + (
+    "SELECT g.bodies, g.seqs, g.text FROM chunk "
+    "CROSS JOIN LATERAL generate_series(chunk.low, chunk.high, $4) first "
+    "CROSS JOIN LATERAL (SELECT count(body), string_agg(int8send(seq), ''::bytea), "
+    "string_agg(body, E'\\n') FROM (SELECT seq, body FROM ledger.events "
+    "WHERE seq BETWEEN first AND least(first + $4 - 1, chunk.high) ORDER BY seq) e) "
+    "g(bodies, seqs, text) "
+    "WHERE g.bodies > 0 AND chunk.high - chunk.low < ($2 - $1) * $3"
+)
+# A chunk's chain rows as groups of $3 consecutive positions, one row a group: how many rows,
+# their seqs (as above) and their hashes (32 bytes each) in position order, each as one bytea.
+_CHAIN_GROUPS = (
+    "SELECT g.count, g.seqs, g.hashes FROM generate_series($1::bigint, $2 - 1, $3) first "
+    "CROSS JOIN LATERAL (SELECT count(*), string_agg(int8send(event_seq), ''::bytea), "
+    "string_agg(hash, ''::bytea) FROM (SELECT event_seq, hash FROM ledger.event_chain "
+    "WHERE position >= first AND position < least(first + $3, $2) ORDER BY position) c) "
+    "g(count, seqs, hashes) WHERE g.count > 0"
 )
 
 
@@ -192,25 +223,26 @@ class _Walk:
             report.fail("rows missing", report.position_from - 1, None, "no chain row there")
             return
         start = report.position_from
-        pending = self._read(start, min(start + fetch_rows, last + 1))
+        chunk_stop = functools.partial(_chunk_stop, first=start, last=last, rows=fetch_rows)
+        pending = self._read(start, chunk_stop(start))
         while start <= last:
-            stop = min(start + fetch_rows, last + 1)
+            stop = chunk_stop(start)
             usual = await self._usual_chunk(*pending, stop - start)
             if stop <= last:
-                pending = self._read(stop, min(stop + fetch_rows, last + 1))
+                pending = self._read(stop, chunk_stop(stop))
                 await asyncio.sleep(0)  # Sends the next chunk's queries before hashing this one.
-            hashes = _hashes_if_chained(usual, prev_hash)
-            if hashes is None:
+            hashes = usual and await _hashes_if_chained(*usual, prev_hash)
+            if not hashes:
                 if stop <= last:  # Frees the connections; the next round takes the results.
                     await asyncio.gather(*pending)
                 hashes = await self._checked_chunk(start, stop, prev_hash)
                 if hashes is None:
                     return
-            report.events_verified += len(hashes)
+            report.events_verified += len(hashes) // 32
             report.position_to = stop - 1
             if not self._checkpoints_hold(hashes, start, stop):
                 return
-            prev_hash = hashes[-1]
+            prev_hash = hashes[-32:]
             start = stop
         report.position_to = max(report.position_to, last)
 
@@ -222,40 +254,45 @@ class _Walk:
         after the chunk before had been hashed, and the server would sit idle meanwhile.
         """
         return (
-            asyncio.create_task(self._chain_conn.fetchrow(_CHAIN_ARRAYS, start, stop)),
             asyncio.create_task(
-                self._events_conn.fetch(_EVENTS_IN_SEQ_RANGE, start, stop, _RANGE_SLACK)
+                self._chain_conn.fetch(_CHAIN_GROUPS, start, stop, _GROUP_POSITIONS)
+            ),
+            asyncio.create_task(
+                self._events_conn.fetch(_EVENT_GROUPS, start, stop, _RANGE_SLACK, _GROUP_SEQS)
             ),
         )
 
     @staticmethod
     async def _usual_chunk(
         chain_read: asyncio.Task, events_read: asyncio.Task, positions: int
-    ) -> tuple[list[bytes], list[bytes]] | None:
-        """The chunk's stored hashes and its events' bodies in position order, or None unless
-        it is the usual one: every position there, and each one's event."""
-        (count, seqs, hashes), events = await chain_read, await events_read
+    ) -> tuple[bytes, Iterable[list[bytes] | None]] | None:
+        """The chunk's stored hashes (packed) and its events' bodies in position order, in
+        batches (None for one whose lines are not its bodies), or None unless it is the usual
+        chunk: every position there, and each one's event."""
+        chain_groups, groups = await chain_read, await events_read
         # Positions are unique: as many rows as positions in the range means none is missing.
-        if count != positions or not events:
+        if sum([group[0] for group in chain_groups]) != positions or not groups:
             return None
-        event_seqs, bodies = [event[0] for event in events], [event[1] for event in events]
-        if event_seqs != seqs:
-            # Some event sealed out of seq order (a late commit), or gone: pair them by seq.
-            bodies = list(map(dict(zip(event_seqs, bodies, strict=True)).get, seqs))
-            if None in bodies:
-                return None
-        assert len(hashes) == len(bodies) == count
-        return hashes, bodies
+        seqs = b"".join([group[1] for group in chain_groups])
+        hashes = b"".join([group[2] for group in chain_groups])
+        if len(hashes) != 32 * positions:
+            return None  # A hash of another length (its CHECK dropped) shifts those after it.
+        if b"".join([group[1] for group in groups]) == seqs:
+            # The events in seq order are the chain's in position order. Each group is split
+            # only when it is hashed, so that its bodies reuse the memory of the group before.
+            return hashes, map(_bodies, groups)
+        bodies = _paired(groups, seqs)
+        return None if bodies is None else (hashes, [bodies])
 
-    async def _checked_chunk(self, start: int, stop: int, prev_hash: bytes) -> list[bytes] | None:
-        """Read the chunk again row by row and check it: its hashes if it holds, else None
-        with the first break reported."""
+    async def _checked_chunk(self, start: int, stop: int, prev_hash: bytes) -> bytes | None:
+        """Read the chunk again row by row and check it: its hashes (packed) if it holds, else
+        None with the first break reported."""
         rows, bodies = await self._chunk(start, stop)
         broken = _first_break(rows, bodies, start, stop, prev_hash)
         if broken is not None:
             await self._explain(rows, bodies, start, broken, prev_hash)
             return None
-        return [row[2] for row in rows]
+        return b"".join([row[2] for row in rows])
 
     async def _chunk(self, start: int, stop: int) -> Chunk:
         """Chain rows at positions [start, stop) and their events' bodies (None where gone)."""
@@ -295,10 +332,11 @@ class _Walk:
             "SELECT hash FROM ledger.event_chain WHERE position = $1", position - 1
         )
 
-    def _checkpoints_hold(self, hashes: list[bytes], start: int, stop: int) -> bool:
+    def _checkpoints_hold(self, hashes: bytes, start: int, stop: int) -> bool:
         for checkpoint in self._wanted:
             if start <= checkpoint.position < stop:
-                stored_hash = hashes[checkpoint.position - start]
+                offset = 32 * (checkpoint.position - start)
+                stored_hash = hashes[offset : offset + 32]
                 if not _checkpoint_holds(self._report, checkpoint, stored_hash, self._trusted_key):
                     return False
         return True
@@ -351,6 +389,15 @@ class _Walk:
         return None
 
 
+def _chunk_stop(start: int, first: int, last: int, rows: int) -> int:
+    """Where the chunk at `start` ends: `rows` on, except near the walk's ends, where chunks
+    grow from a sixteenth of it and shrink back by halves. The verifier waits idle for the
+    first chunk, and the server for the last one to be hashed: small ones shorten both waits.
+    """
+    size = min(rows, start - first, (last + 1 - start) // 2)
+    return min(start + max(rows // 16, size, 1), last + 1)
+
+
 def _first_break(
     rows: list[asyncpg.Record],
     bodies: list[bytes | None],
@@ -371,14 +418,55 @@ def _first_break(
     return present if broken is None and present < len(rows) else broken
 
 
-def _hashes_if_chained(
-    usual: tuple[list[bytes], list[bytes]] | None, prev_hash: bytes
-) -> list[bytes] | None:
-    """The chunk's hashes when it is the usual one and each follows from the one before."""
-    if usual is None:
-        return None
-    hashes, bodies = usual
-    return hashes if _first_unchained(hashes, bodies, prev_hash) is None else None
+async def _hashes_if_chained(
+    hashes: bytes, batches: Iterable[list[bytes] | None], prev_hash: bytes
+) -> bytes | None:
+    """`hashes` when each of them follows from the one before, over the bodies in `batches`.
+
+    Between batches the event loop reads what the server has sent of the next chunk: otherwise
+    the server would stop sending it, and working on it, as soon as the socket's buffers fill.
+    """
+    end = 0
+    for bodies in batches:
+        if bodies is None:
+            return None
+        start, end = end, end + 32 * len(bodies)
+        if _first_unchained(_unpack32(hashes[start:end]), bodies, prev_hash) is not None:
+            return None
+        prev_hash = hashes[end - 32 : end]
+        await asyncio.sleep(0)
+    return hashes
+
+
+def _bodies(group: asyncpg.Record) -> list[bytes] | None:
+    """A group's bodies: its lines, unless a body holds a newline (more lines than seqs) or is
+    NULL (fewer bodies than seqs)."""
+    count, seqs, text = group
+    lines = text.split(b"\n")
+    return lines if len(lines) == count == len(seqs) // 8 else None
+
+
+def _paired(groups: list[asyncpg.Record], seqs: bytes) -> list[bytes] | None:
+    """The bodies of the chain's `seqs` (packed) in its order, when some event was sealed out of
+    seq order (a late commit); None when one is gone or a group's lines are not its bodies."""
+    by_seq: dict[int, bytes] = {}
+    for group in groups:
+        bodies = _bodies(group)
+        if bodies is None:
+            return None
+        by_seq.update(zip(_int8s(group[1]), bodies, strict=True))
+    bodies = list(map(by_seq.get, _int8s(seqs)))
+    return None if None in bodies else bodies
+
+
+def _int8s(packed: bytes) -> tuple[int, ...]:
+    """The big-endian 8-byte integers that int8send() packed one after the other."""
+    return struct.unpack(f">{len(packed) // 8}q", packed)
+
+
+def _unpack32(packed: bytes) -> list[bytes]:
+    """The 32-byte hashes packed one after the other, split by one call in C."""
+    return list(struct.unpack("32s" * (len(packed) // 32), packed))
 
 
 _digest = operator.methodcaller("digest")

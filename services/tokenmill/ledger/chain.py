@@ -38,9 +38,6 @@ GENESIS_HASH = bytes(32)
 KEY_FILE_NAME = "audit.key"
 # One sealer at a time across every ledger process: two would fork the chain.
 _SEAL_LOCK_KEY = 0x746D_6175
-# How far past a broken row verify looks for the body that was sealed there, to tell rows
-# swapped from a body changed.
-_REORDER_LOOKAHEAD_ROWS = 10_000
 
 
 class AuditKeyError(ValueError):

@@ -75,7 +75,7 @@ bench-audit: install
 bench-power: install
 	$(BIN)/python -m bench.power
 
-# Events folded per second into a replay's scratch books in one lane and in one per core, and a
+# Events folded per second into a replay's scratch books in one lane and in the default lanes, and a
 # month of requests (five events each) replayed and diffed end to end; see bench/replay.py.
 bench-replay: install
 	$(BIN)/python -m bench.replay

@@ -12,9 +12,9 @@ DATABASE from), in a throwaway database:
    transaction instead of one each, to make the month sooner); the events that change no books
    are only appended;
 2. runs the replay (`replay.replay`: scratch database, fold, diff) over October, once in one
-   lane (one process) and once in one lane per core (`--lanes` to choose), and prints for each
-   the events and requests folded per second, the fold and end-to-end times, the fold's speed
-   against the first, and whether the books agreed.
+   lane (one process) and once in the default lanes (one more than the cores; `--lanes` to
+   choose), and prints for each the events and requests folded per second, the fold and
+   end-to-end times, the fold's speed against the first, and whether the books agreed.
 
 The live logging and booking in step 1 is timed too, as the baseline of the same run.
 """
@@ -216,8 +216,8 @@ def main() -> None:
     parser.add_argument(
         "--lanes",
         default=f"1,{refold.lanes_here()}",
-        help="replay once per number of lanes given (comma-separated; default: 1, then one "
-        "per core)",
+        help="replay once per number of lanes given (comma-separated; default: 1, then "
+        "the default, one more than the cores)",
     )
     args = parser.parse_args()
     lanes = list(dict.fromkeys(int(k) for k in args.lanes.split(",")))

@@ -552,7 +552,7 @@ async def replay(
     lanes: int | None = None,
 ) -> Report:
     """Rebuild the books from the log (or the streams' copy of it) in `lanes` processes (one
-    per core by default) and diff them."""
+    more than the cores by default) and diff them."""
     assert source in SOURCES, source
     lanes = lanes or refold.lanes_here()
     started = time.perf_counter()
@@ -627,7 +627,7 @@ def add_command(actions: argparse._SubParsersAction) -> None:
         default=None,
         metavar="N",
         help=f"fold in N processes, customers split among them (1 to {refold.LANES_MAX}; "
-        "default: one per core)",
+        "default: one more than the cores)",
     )
     replay_.add_argument("--json", action="store_true", help="machine-readable output")
 

@@ -73,10 +73,15 @@ async def deliver(pool: asyncpg.Pool, event: EnergyInterval) -> None:
     """As the ledger applies an event from the power stream: logged once, booked once."""
     async with pool.acquire() as conn, conn.transaction():
         if await books.append_event(conn, event, "test.power"):
-            await books.record_energy(conn, event)
+            await books.record_energy(conn, [event])
 
 
-async def test_a_periods_energy_cost_is_metered_energy_times_pue_times_tariff(pool, tariff):
+@pytest.mark.parametrize("together", [False, True])
+async def test_a_periods_energy_cost_is_metered_energy_times_pue_times_tariff(
+    pool, tariff, together: bool
+):
+    """Intervals delivered one at a time (the ledger's consumer) or recorded as one set (a
+    replay) book the same."""
     worker = new_id()[-8:].lower()
     noon, evening = datetime(2031, 3, 2, 12, tzinfo=UTC), datetime(2031, 3, 2, 18, tzinfo=UTC)
     completions = [
@@ -92,6 +97,10 @@ async def test_a_periods_energy_cost_is_metered_energy_times_pue_times_tariff(po
     async with pool.acquire() as conn, conn.transaction():
         logged = [books.Logged(c, "test.completions") for c in completions]
         await books.book_completions(conn, logged, "test.booked")
+    if together:
+        async with pool.acquire() as conn, conn.transaction():
+            await books.append_events(conn, [books.Logged(i, "test.power") for i in intervals])
+            await books.record_energy(conn, intervals)
     for event in intervals:
         await deliver(pool, event)
         await deliver(pool, event)  # Redelivered: nothing booked twice.
@@ -152,7 +161,7 @@ async def test_an_interval_whose_joules_do_not_add_up_is_refused(pool, tariff):
     bad = bad.model_copy(update={"metered_j": Decimal("12")})
     async with pool.acquire() as conn, conn.transaction():
         with pytest.raises(ValueError, match="metered_j 12 is not attributed_j 10"):
-            await books.record_energy(conn, bad)
+            await books.record_energy(conn, [bad])
 
 
 def tariff_args(**overrides: str | None) -> argparse.Namespace:

@@ -652,9 +652,10 @@ async def apply_logged(conn: asyncpg.Connection, events: Sequence[Event]) -> Non
     Each kind changes books of its own (verdicts: quality and their credits; power samples;
     prepaid top-ups: the wallets; energy intervals: the overhead accounts), and two events of a
     kind commute (verdicts on one completion: the first is kept and the credit is given once
-    whichever gives it), so the events are applied kind by kind, verdicts and samples each in
-    one statement. Completions are the exception (their order rates them), which the callers
-    keep: `refold.Segment` says how a replay places these around a batch of them."""
+    whichever gives it), so the events are applied kind by kind, verdicts, samples and energy
+    intervals each as one set. Completions are the exception (their order rates them), which
+    the callers keep: `refold.Segment` says how a replay places these around a batch of
+    them."""
     by_type: dict[type, list[Event]] = defaultdict(list)
     for event in events:
         by_type[type(event)].append(event)
@@ -662,8 +663,7 @@ async def apply_logged(conn: asyncpg.Connection, events: Sequence[Event]) -> Non
     await record_power(conn, by_type.pop(PowerSample, []))  # type: ignore[arg-type]
     for event in by_type.pop(PrepaidCreditAdded, []):
         await record_prepaid(conn, event)  # type: ignore[arg-type]
-    for event in by_type.pop(EnergyInterval, []):
-        await record_energy(conn, event)  # type: ignore[arg-type]
+    await record_energy(conn, by_type.pop(EnergyInterval, []))  # type: ignore[arg-type]
 
 
 async def apply_completions(
@@ -769,42 +769,58 @@ OVERHEAD_ENERGY = "expense:factory_overhead:energy"
 OVERHEAD_PUE = "expense:factory_overhead:pue"
 
 
-async def record_energy(conn: asyncpg.Connection, event: EnergyInterval) -> None:
-    """Book a worker's energy interval: its idle and unbilled joules, at the rates in force when
-    it began, to the factory-overhead accounts, so that with the requests' energy cost the
-    books hold metered J x PUE x tariff. Once per event id."""
-    if event.metered_j != event.attributed_j + event.idle_j:
-        raise ValueError(
-            f"energy interval {event.event_id}: metered_j {event.metered_j} is not "
-            f"attributed_j {event.attributed_j} + idle_j {event.idle_j}"
-        )
-    rates = (await CostRateBook.read(conn)).at(event.device, event.interval_start)
-    overhead_j = event.idle_j + event.unbilled_j
-    at_tariff = replace(rates, pue=Decimal(1))
-    energy = joules_cost(overhead_j, at_tariff)
-    pue = joules_cost(overhead_j, rates) - energy
-    posting = Posting(
-        event_id=event.event_id,
-        kind="energy_overhead",
-        description=f"idle and unbilled energy of {event.worker} on {event.device}",
-        effective_at=event.interval_end,
-        legs=journal.legs(
-            rates.currency,
-            (OVERHEAD_ENERGY, energy),
-            (OVERHEAD_PUE, pue),
-            ("accrued:energy", -(energy + pue)),
-        ),
-    ) if energy + pue > 0 else None  # fmt: skip
-    posting_ids = await journal.write(conn, [posting] if posting else [])
-    await conn.execute(
+async def record_energy(conn: asyncpg.Connection, intervals: Sequence[EnergyInterval]) -> None:
+    """Book workers' energy intervals: their idle and unbilled joules, at the rates in force
+    when each began, to the factory-overhead accounts, so that with the requests' energy cost
+    the books hold metered J x PUE x tariff. Once per event id."""
+    for event in intervals:
+        if event.metered_j != event.attributed_j + event.idle_j:
+            raise ValueError(
+                f"energy interval {event.event_id}: metered_j {event.metered_j} is not "
+                f"attributed_j {event.attributed_j} + idle_j {event.idle_j}"
+            )
+    if not intervals:
+        return
+    rate_book = await CostRateBook.read(conn)
+    rows, postings = [], []
+    for event in intervals:
+        rates = rate_book.at(event.device, event.interval_start)
+        overhead_j = event.idle_j + event.unbilled_j
+        energy = joules_cost(overhead_j, replace(rates, pue=Decimal(1)))
+        pue = joules_cost(overhead_j, rates) - energy
+        if energy + pue > 0:
+            postings.append(_overhead_posting(event, rates.currency, energy, pue))
+        rows.append((
+            event.event_id, event.worker, event.region, event.meter, event.device,
+            event.estimated, event.interval_start, event.interval_end, event.metered_j,
+            event.attributed_j, event.idle_j, event.unbilled_j, event.tokens, event.steps,
+            rates.version, rates.energy_price_per_kwh, rates.pue, energy + pue,
+            carbon_g(overhead_j, rates), rates.currency,
+        ))  # fmt: skip
+    posting_ids = await journal.write(conn, postings)
+    posting_of = {p.event_id: pid for p, pid in zip(postings, posting_ids, strict=True)}
+    await conn.executemany(
         "INSERT INTO ledger.energy_intervals (event_id, worker, region, meter, device, "
         "estimated, interval_start, interval_end, metered_j, attributed_j, idle_j, unbilled_j, "
         "tokens, steps, rates_version, energy_price_per_kwh, pue, overhead_cost, carbon_g, "
         "currency, posting_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
         "$14, $15, $16, $17, $18, $19, $20, $21) ON CONFLICT (event_id) DO NOTHING",
-        event.event_id, event.worker, event.region, event.meter, event.device, event.estimated,
-        event.interval_start, event.interval_end, event.metered_j, event.attributed_j,
-        event.idle_j, event.unbilled_j, event.tokens, event.steps, rates.version,
-        rates.energy_price_per_kwh, rates.pue, energy + pue, carbon_g(overhead_j, rates),
-        rates.currency, posting_ids[0] if posting_ids else None,
-    )  # fmt: skip
+        [(*row, posting_of.get(row[0])) for row in rows],
+    )
+
+
+def _overhead_posting(
+    event: EnergyInterval, currency: str, energy: Decimal, pue: Decimal
+) -> Posting:
+    return Posting(
+        event_id=event.event_id,
+        kind="energy_overhead",
+        description=f"idle and unbilled energy of {event.worker} on {event.device}",
+        effective_at=event.interval_end,
+        legs=journal.legs(
+            currency,
+            (OVERHEAD_ENERGY, energy),
+            (OVERHEAD_PUE, pue),
+            ("accrued:energy", -(energy + pue)),
+        ),
+    )

@@ -77,6 +77,7 @@ def october_chunk(n: int, first: int, count: int) -> list:
 async def book_month(pool: asyncpg.Pool, settings: Settings, n: int, batch: int) -> float:
     """Log and book October's events as the ledger's consumers do; return the seconds it took."""
     streams = Streams(settings.stream_prefix)
+    slo = books.SloPolicy.from_settings(settings)
     started = time.perf_counter()
     making_s = 0.0  # Making the events is the bench's work, not the ledger's.
     async with pool.acquire() as conn:
@@ -93,7 +94,7 @@ async def book_month(pool: asyncpg.Pool, settings: Settings, n: int, batch: int)
             chunk = october_chunk(n, first, min(batch, n - first))
             making_s += time.perf_counter() - made
             async with conn.transaction():
-                await _log_requests(conn, streams, settings, chunk)
+                await _log_requests(conn, streams, slo, chunk)
     booked_s = time.perf_counter() - started - making_s
     async with pool.acquire() as conn:
         await invoices.issue_period(
@@ -103,11 +104,10 @@ async def book_month(pool: asyncpg.Pool, settings: Settings, n: int, batch: int)
 
 
 async def _log_requests(
-    conn: asyncpg.Connection, streams: Streams, settings: Settings, done: list[JobCompleted]
+    conn: asyncpg.Connection, streams: Streams, slo: books.SloPolicy, done: list[JobCompleted]
 ) -> None:
     """Log a batch of requests' five events each, in the order the ledger would see them,
     and book their completions and verdicts."""
-    slo = books.SloPolicy.from_settings(settings)
     jobs = streams.jobs("eu-west")
     await books.append_events(conn, [books.Logged(e, jobs) for e in _submitted(done)])
     await books.append_events(conn, [books.Logged(e, streams.progress) for e in _started(done)])

@@ -133,8 +133,11 @@ class Segment:
     before: list[Event] = field(default_factory=list)
     completions: list[JobCompleted] = field(default_factory=list)
     after: list[Event] = field(default_factory=list)
-    events: int = 0
     _completed: set[str] = field(default_factory=set)
+
+    @property
+    def events(self) -> int:
+        return len(self.before) + len(self.completions) + len(self.after)
 
     def takes(self, event: Event) -> bool:
         """Whether `event` can join this segment, keeping the order that matters."""
@@ -151,7 +154,6 @@ class Segment:
             self.after.append(event)
         else:
             self.before.append(event)
-        self.events += 1
 
 
 class Fold:
@@ -270,21 +272,20 @@ def _share_progress(folded: multiprocessing.sharedctypes.Synchronized) -> None: 
     _folded = folded
 
 
-def fold_lane(job: LaneJob) -> int:
-    """Fold one lane's share of a stage (in a lane process); return the events it applied."""
+def fold_lane(job: LaneJob) -> None:
+    """Fold one lane's share of a stage (in a lane process)."""
     return asyncio.run(_fold_lane(job))
 
 
-async def _fold_lane(job: LaneJob) -> int:
+async def _fold_lane(job: LaneJob) -> None:
     live, scratch = await connect(job.live_url), await connect(job.scratch_url)
-    fold, applied = Fold(scratch, job.slo), 0
+    fold = Fold(scratch, job.slo)
     try:
         with _collecting_rarely():
             try:
                 async for bodies in _lane_bodies(live, job):
                     for body in bodies:
                         await fold.event(parse_event(body))
-                    applied += len(bodies)
                     if _folded is not None:
                         with _folded.get_lock():
                             _folded.value += len(bodies)
@@ -294,7 +295,6 @@ async def _fold_lane(job: LaneJob) -> int:
     finally:
         await live.close()
         await scratch.close()
-    return applied
 
 
 async def _lane_bodies(live: asyncpg.Connection, job: LaneJob) -> AsyncIterator[list[str]]:

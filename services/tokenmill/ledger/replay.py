@@ -61,10 +61,7 @@ from redis.exceptions import ResponseError
 
 from tokenmill.batches import _unpack
 from tokenmill.db import connect, migrate
-from tokenmill.events import (
-    new_id,
-    parse_event,
-)
+from tokenmill.events import new_id, parse_event
 from tokenmill.ledger import books, refold
 from tokenmill.ledger.commands import Progress
 from tokenmill.settings import Settings

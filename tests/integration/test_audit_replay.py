@@ -198,6 +198,13 @@ async def test_a_reissued_invoice_is_the_same_document(
         assert [tuple(r) for r in await rebuilt.fetch(query)] == [
             tuple(r) for r in await audit_pool.fetch(query)
         ]
+        # The scratch books skip the write-ahead log; the live ones never do.
+        persistence = (
+            "SELECT DISTINCT relpersistence::text FROM pg_class "
+            "WHERE relnamespace = 'ledger'::regnamespace AND relkind = 'r'"
+        )
+        assert [r[0] for r in await rebuilt.fetch(persistence)] == ["u"]
+        assert [r[0] for r in await audit_pool.fetch(persistence)] == ["p"]
     finally:
         await rebuilt.close()
         await audit_pool.execute(f'DROP DATABASE "{report.scratch}" WITH (FORCE)')

@@ -227,6 +227,7 @@ async def create_scratch(live: asyncpg.Connection, database_url: str) -> tuple[s
     await migrate(url)
     scratch = await asyncpg.connect(url)
     try:
+        await _unlog_tables(scratch)
         async with scratch.transaction():
             tables = ", ".join(f"ledger.{t}" for t in REFERENCE_TABLES)
             # The migrations seed launch prices; the live tables hold them (or their successors).
@@ -241,6 +242,33 @@ async def create_scratch(live: asyncpg.Connection, database_url: str) -> tuple[s
     finally:
         await scratch.close()
     return name, url
+
+
+async def _unlog_tables(scratch: asyncpg.Connection) -> None:
+    """Make the scratch books unlogged: nothing written to them goes through the write-ahead
+    log, which at a month's scale cost the server a tenth of the fold's time (its pages are
+    written whole again after each checkpoint). They are not crash-safe, and need not be: a
+    crash ends the replay, and the next one starts from a new scratch database."""
+    tables = {
+        r["name"]
+        for r in await scratch.fetch(
+            "SELECT oid::regclass::text AS name FROM pg_class "
+            "WHERE relnamespace = 'ledger'::regnamespace AND relkind = 'r'"
+        )
+    }
+    references = await scratch.fetch(
+        "SELECT conrelid::regclass::text AS referring, confrelid::regclass::text AS referred "
+        "FROM pg_constraint WHERE contype = 'f' AND conrelid <> confrelid "
+        "AND connamespace = 'ledger'::regnamespace"
+    )
+    # A logged table may not refer to an unlogged one: a table goes after those referring to it.
+    while tables:
+        referred = {r["referred"] for r in references if r["referring"] in tables}
+        ready = tables - referred
+        assert ready, f"foreign keys in a cycle: {sorted(tables)}"
+        for table in sorted(ready):
+            await scratch.execute(f"ALTER TABLE {table} SET UNLOGGED")
+        tables -= ready
 
 
 async def drop_scratch(live: asyncpg.Connection, name: str) -> None:

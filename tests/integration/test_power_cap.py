@@ -151,9 +151,14 @@ async def curtailment(http: httpx.AsyncClient) -> dict:
     return response.json()["curtailment"]
 
 
-async def submit(http: httpx.AsyncClient, key: str, max_tokens: int) -> httpx.Response:
+async def submit(
+    http: httpx.AsyncClient, key: str, max_tokens: int, idempotency_key: str | None = None
+) -> httpx.Response:
     body = {"prompt": "Count to ten: 1, 2,", "max_tokens": max_tokens}
-    return await http.post("/v1/jobs", json=body, headers=auth(key))
+    headers = auth(key)
+    if idempotency_key is not None:
+        headers["Idempotency-Key"] = idempotency_key
+    return await http.post("/v1/jobs", json=body, headers=headers)
 
 
 async def test_a_trace_over_the_cap_sheds_free_keeps_premium_loses_nothing_and_recovers(
@@ -169,8 +174,8 @@ async def test_a_trace_over_the_cap_sheds_free_keeps_premium_loses_nothing_and_r
 
     # Under the cap: free requests are accepted; they are still running when the cap bites.
     accepted: dict[str, str] = {}
-    for _ in range(4):
-        response = await submit(http, free_key, 24)
+    for i in range(4):
+        response = await submit(http, free_key, 24, idempotency_key=f"before-the-cap-{i}")
         assert response.status_code == 202, response.text
         accepted[response.json()["id"]] = "free"
 
@@ -197,6 +202,13 @@ async def test_a_trace_over_the_cap_sheds_free_keeps_premium_loses_nothing_and_r
         "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, headers=auth(free_key)
     )
     assert openai.status_code == 429 and openai.json()["error"]["code"] == "power_curtailed"
+    # A retry of a request accepted before the cap bit gets its job, not a 429; its key with
+    # another body is still a 409; a new key is refused.
+    retried = await submit(http, free_key, 24, idempotency_key="before-the-cap-0")
+    assert retried.status_code == 200, retried.text
+    assert retried.json()["id"] == next(iter(accepted))
+    assert (await submit(http, free_key, 5, idempotency_key="before-the-cap-0")).status_code == 409
+    assert (await submit(http, free_key, 24, idempotency_key="new-while-shed")).status_code == 429
     await eventually(lambda: _async(engines[0].tier_running_max == {"free": 1}))
 
     # Premium keeps being accepted and completing while free is shed.

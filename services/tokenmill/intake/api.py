@@ -222,10 +222,13 @@ def create_app(settings: Settings, wire: service.Wiring) -> FastAPI:
                 )
         except InvalidRequest as exc:
             raise ApiError(400, "invalid_request", str(exc), exc.param) from exc
+        runtime = request.app.state.runtime
         level = request.app.state.power.current()
         if shed := admin_power.curtailed(level, who.tier, settings.power_retry_after_s):
-            raise shed
-        runtime = request.app.state.runtime
+            # A retry of a request accepted before the cap bit is not a new request: it gets
+            # its job (or its 409), as the 429 advised the client to retry.
+            if key is None or not await jobs.key_used(runtime.db, who, key):
+                raise shed
         # FastAPI's own server span is current here, so the job event's headers carry it.
         try:
             return await jobs.submit(

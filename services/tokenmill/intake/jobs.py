@@ -39,6 +39,16 @@ class AlreadyFinished(Exception):
         self.row = row
 
 
+async def key_used(pool: asyncpg.Pool, customer: Customer, idempotency_key: str) -> bool:
+    """Whether the customer has made a request with this Idempotency-Key."""
+    return await pool.fetchval(
+        "SELECT EXISTS (SELECT FROM intake.requests WHERE customer_id = $1 "
+        "AND idempotency_key = $2)",
+        customer.customer_id,
+        idempotency_key,
+    )
+
+
 # Why a job cancelled while queued never ran (its record's error).
 CANCELLED_QUEUED = "cancelled before it started"
 

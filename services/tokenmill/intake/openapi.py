@@ -375,7 +375,8 @@ _WHY: dict[int, str] = {
     409: "This Idempotency-Key was used before with a different body; nothing was queued.",
     429: "The facility is over its power budget and sheds this key's tier (free first, then "
     "standard, premium last; code `power_curtailed`): nothing was queued. Send it again after "
-    "Retry-After seconds; requests already accepted still complete.",
+    "Retry-After seconds; requests already accepted still complete (a retry with the "
+    "Idempotency-Key of one gets its job).",
     413: "The request body is over the size limit; nothing was written or queued.",
     415: "The body is not `application/json`; nothing was written or queued.",
     503: "The intake is shutting down, or cannot reach its storage right now. Send the request "

@@ -464,6 +464,9 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> None:
         except replay.ReplayInputError as exc:
             print(f"tokenmill audit replay: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
+        if args.source == "redis":
+            # The streams' entries are checked against the key `up`'s services sign with.
+            settings = with_local_key(settings)
     operate(
         settings,
         f"audit {args.audit_command}",

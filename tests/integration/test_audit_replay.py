@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -26,7 +27,7 @@ from tokenmill.events import Event, new_id
 from tokenmill.ledger import books, invoices, replay
 from tokenmill.ledger.billing import Period
 from tokenmill.settings import Settings
-from tokenmill.signing import SIGNATURE_HEADER, SigningKeys
+from tokenmill.signing import KEY_FILE_NAME, SIGNATURE_HEADER, SigningKeys
 from tokenmill.streams import Streams
 
 __all__ = ["audit_db", "template_db"]  # Fixtures, used by name.
@@ -335,6 +336,18 @@ async def test_the_streams_agree_with_the_log_or_are_reported_where_they_do_not(
     # The forged payload and the extra completion change the rebuilt books too.
     assert f"request {changed.request_id}: completion_tokens live 500, rebuilt 600" in text
     assert f"request {extra.request_id}: rebuilt from the log, not in the live books" in text
+
+
+async def test_the_command_checks_the_streams_with_the_data_dirs_signing_key(
+    live: Settings, audit_pool: asyncpg.Pool, redis: RedisClient, tmp_path: Path
+) -> None:
+    """As `make run` leaves it: the signing key in the data dir, none in the environment."""
+    await publish_as_sent(redis, live, await mixed_month(audit_pool, live))
+    (tmp_path / KEY_FILE_NAME).write_text(live.signing_keys + "\n")
+    from_data_dir = dataclasses.replace(live, signing_keys="", data_dir=str(tmp_path))
+    done = _cli(from_data_dir, "--from", "2026-10-01", "--to", "2026-11-01", "--source", "redis")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "OK: the rebuilt books equal the live books" in done.stdout
 
 
 def test_the_help_names_the_command() -> None:

@@ -8,7 +8,7 @@ PYTEST := $(BIN)/python -m pytest
 STAMP  := $(VENV)/.installed
 
 .PHONY: install run test unit integration e2e test-slow lint format bench bench-admission bench-books \
-        bench-engine bench-audit bench-replay bench-chain-overhead bench-power clean
+        bench-engine bench-audit bench-replay bench-ledger-streams bench-chain-overhead bench-power clean
 
 install: $(STAMP)
 
@@ -79,6 +79,11 @@ bench-power: install
 # month of requests (five events each) replayed and diffed end to end; see bench/replay.py.
 bench-replay: install
 	$(BIN)/python -m bench.replay
+
+# Events/s the ledger logs and applies from the jobs and quality streams, batched beside one event
+# per transaction, in the same run; see bench/ledger_streams.py.
+bench-ledger-streams: install
+	$(BIN)/python -m bench.ledger_streams
 
 # The hash chain's overhead on the booking rate: bench-books with the chain's trigger off, then on.
 bench-chain-overhead: install

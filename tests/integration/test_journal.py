@@ -318,6 +318,36 @@ async def test_prepaid_credit_is_drawn_first_then_receivable(pool: asyncpg.Pool)
         await assert_books_hold(conn)
 
 
+async def test_an_event_twice_in_one_batch_is_logged_and_applied_once(pool: asyncpg.Pool):
+    """A relay that crashed after publishing publishes again: both copies can come in one
+    batch of the ledger's consumer."""
+    customer = f"cus_{new_id()}"
+    added = prepaid_added(customer, "0.25")
+    done = completion(customer)
+    judged = verdict(done)
+    twice = [books.Logged(e, "test.stream") for e in (added, judged, added, judged)]
+    async with pool.acquire() as conn:
+        async with conn.transaction():
+            assert await books.apply_events(conn, twice) == {added.event_id, judged.event_id}
+        async with conn.transaction():
+            assert await books.apply_events(conn, twice) == set()  # The whole batch again.
+        assert await journal.balance(conn, journal.prepaid(customer)) == Decimal("-0.25")
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM ledger.events WHERE event_id = ANY($1::text[])",
+                [added.event_id, judged.event_id],
+            )
+            == 2
+        )
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM ledger.quality WHERE completion_event_id = $1", done.event_id
+            )
+            == 1
+        )
+        await assert_books_hold(conn)
+
+
 async def test_price_change_mid_period_keeps_the_old_price_for_earlier_usage(pool: asyncpg.Pool):
     customer = f"cus_{new_id()}"
     plan = f"deal-{new_id().lower()}"

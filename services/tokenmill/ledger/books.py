@@ -629,14 +629,22 @@ def _credit(
 
 
 async def apply_event(conn: asyncpg.Connection, logged: Logged) -> bool:
-    """Log one event of any stream but the completions' and apply it to the books, in the
-    caller's transaction; False if the log already had it (a redelivery: nothing changes).
-    The ledger's consumers and `tokenmill audit replay` both come here."""
+    """`apply_events` for one event: False if the log already had it."""
+    return bool(await apply_events(conn, [logged]))
+
+
+async def apply_events(conn: asyncpg.Connection, logged: Sequence[Logged]) -> set[str]:
+    """Log a batch of events of any stream but the completions' and apply the new ones to the
+    books, in the caller's transaction; return their ids. An event the log already had (a
+    redelivery) changes nothing. The ledger's consumers and `tokenmill audit replay` both
+    come here."""
     assert conn.is_in_transaction(), "the log append and the books commit together"
-    if not await append_events(conn, [logged]):
-        return False
-    await apply_logged(conn, [logged.event])
-    return True
+    new_ids = await append_events(conn, logged)
+    # An event published twice (a relay that crashed after publishing) can come twice in one
+    # batch: the log takes it once, and so must the books.
+    fresh = {x.event.event_id: x.event for x in logged if x.event.event_id in new_ids}
+    await apply_logged(conn, list(fresh.values()))
+    return new_ids
 
 
 # The kinds of event, besides completions, that change the books; the log keeps every other

@@ -27,27 +27,14 @@ import asyncpg
 from redis.asyncio import Redis as RedisClient
 
 from bench.books import ADMIN_URL, REDELIVERED, REDIS_URL, WAIT_S_MAX, completions, publish_all
+from bench.replay import submitted
 from tokenmill.db import create_pool, migrate
-from tokenmill.events import JobCompleted, JobSubmitted, QualitySignal, QualityVerdict, new_id
+from tokenmill.events import JobCompleted, QualitySignal, QualityVerdict, new_id
 from tokenmill.settings import Settings
 from tokenmill.signing import SigningKeys, new_key_spec
 from tokenmill.streams import Streams, create_groups
 
 POLL_S = 0.25
-
-
-def submitted(done: list[JobCompleted]) -> list[JobSubmitted]:
-    return [
-        JobSubmitted(
-            **e.envelope_for("intake"),
-            occurred_at=e.submitted_at,
-            tier=e.tier,
-            model=e.model,
-            prompt="Name three colours.",
-            max_tokens=e.max_tokens,
-        )  # fmt: skip
-        for e in done
-    ]
 
 
 def verdicts(done: list[JobCompleted]) -> list[QualityVerdict]:

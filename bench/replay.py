@@ -109,7 +109,7 @@ async def _log_requests(
     """Log a batch of requests' five events each, in the order the ledger would see them,
     and book their completions and verdicts."""
     jobs = streams.jobs("eu-west")
-    await books.append_events(conn, [books.Logged(e, jobs) for e in _submitted(done)])
+    await books.append_events(conn, [books.Logged(e, jobs) for e in submitted(done)])
     await books.append_events(conn, [books.Logged(e, streams.progress) for e in _started(done)])
     logged = [books.Logged(e, streams.completions, e.canonical_json()) for e in done]
     bookings = await books.apply_completions(conn, logged, None, slo)
@@ -132,7 +132,7 @@ async def _log_requests(
     await books.append_events(conn, [books.Logged(e, streams.booked) for e in booked])
 
 
-def _submitted(done: list[JobCompleted]) -> list[JobSubmitted]:
+def submitted(done: list[JobCompleted]) -> list[JobSubmitted]:
     return [
         JobSubmitted(
             **e.envelope_for("intake"),

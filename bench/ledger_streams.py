@@ -51,7 +51,8 @@ def verdicts(done: list[JobCompleted]) -> list[QualityVerdict]:
 
 async def counts(pool: asyncpg.Pool) -> tuple[int, int]:
     row = await pool.fetchrow(
-        "SELECT (SELECT count(*) FROM ledger.events) AS events, "
+        "SELECT (SELECT count(*) FROM ledger.events "
+        "WHERE event_type IN ('job.submitted', 'quality.verdict')) AS events, "
         "(SELECT count(*) FROM ledger.quality) AS verdicts"
     )
     return row["events"], row["verdicts"]

@@ -255,6 +255,19 @@ class CurtailmentChanged(Event):
     reason: str
 
 
+class SloPolicySet(Event):
+    """The latency objectives a ledger process books completions under from now on, logged by
+    the ledger itself (not published) when it starts with a policy other than the last one
+    logged, so that a replay of the log credits each completion as it was credited live. Not
+    tied to a customer or request: both are empty."""
+
+    type: Literal["ledger.slo_policy"] = "ledger.slo_policy"
+    # Per tier: the time-to-first-token objective (ms; 0 = none), the share of the charge
+    # credited when a completion misses it.
+    ttft_ms_max: dict[str, float]
+    credit_share: dict[str, Decimal]
+
+
 AnyEvent = Annotated[
     JobSubmitted
     | JobStarted
@@ -266,7 +279,8 @@ AnyEvent = Annotated[
     | UsageBooked
     | EnergyInterval
     | PowerCapSet
-    | CurtailmentChanged,
+    | CurtailmentChanged
+    | SloPolicySet,
     Field(discriminator="type"),
 ]
 _any_event = TypeAdapter(AnyEvent)

@@ -89,6 +89,11 @@ class Streams:
         """Power control: cap changes (operator or grid signal) and curtailment decisions."""
         return f"{self.prefix}.control"
 
+    @property
+    def ledger(self) -> str:
+        """Not a Redis stream: the name the ledger logs its own events under (its SLO policy)."""
+        return f"{self.prefix}.ledger"
+
     @staticmethod
     def dead_letters(stream: str) -> str:
         return f"{stream}.dlq"

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
@@ -95,6 +96,13 @@ class Ledger:
         self.streams = Streams(settings.stream_prefix)
         self.slo = books.SloPolicy.from_settings(settings)
 
+    async def start(self, slo: books.SloPolicy | None = None) -> None:
+        """Log the SLO policy it books under from now on (the settings' unless given), as the
+        ledger does as it starts."""
+        self.slo = slo or books.SloPolicy.from_settings(self.settings)
+        async with self.pool.acquire() as conn:
+            await books.log_slo_policy(conn, self.slo, self.streams.ledger, self.settings.region)
+
     async def completions(self, *events: Event) -> None:
         logged = [books.Logged(e, self.streams.completions) for e in events]
         async with self.pool.acquire() as conn, conn.transaction():
@@ -110,6 +118,7 @@ async def mixed_month(pool: asyncpg.Pool, settings: Settings) -> dict[str, list[
     credits, re-run completions, a finalized invoice, a credit note and a supplement.
     Returns the events by the stream they travel on."""
     ledger = Ledger(pool, settings)
+    await ledger.start()
     standard, premium, negotiated, prepaid = (f"cus_{new_id()}" for _ in range(4))
     async with pool.acquire() as conn, conn.transaction():
         await negotiated_plan(conn, negotiated)
@@ -250,9 +259,41 @@ async def test_a_tampered_book_row_is_the_one_difference(
     assert not report.ok
 
 
+async def test_each_completion_is_credited_under_the_slo_policy_logged_before_it(
+    live: Settings, audit_pool: asyncpg.Pool
+) -> None:
+    """The ledger restarted mid-month with another latency objective; the replay runs with a
+    third (none at all) and still rebuilds the credits given live under the first two."""
+    ledger = Ledger(audit_pool, live)
+    await ledger.start()  # Premium: 100 ms, a quarter of the charge.
+    customers = [f"cus_{new_id()}" for _ in range(4)]
+    slow = [completion(c, tier="premium", ttft_ms=150.0, submitted_at=at(3)) for c in customers]
+    await ledger.completions(*slow)
+    await ledger.start(books.SloPolicy({"premium": 200.0}, {"premium": Decimal("0.5")}))
+    later = [completion(c, tier="premium", ttft_ms=150.0, submitted_at=at(5)) for c in customers]
+    slower = [completion(c, tier="premium", ttft_ms=250.0, submitted_at=at(7)) for c in customers]
+    await ledger.completions(*later, *slower)
+    await ledger.start()  # Back to the first: logged again, as it is not the last one logged.
+    again = [completion(c, tier="premium", ttft_ms=150.0, submitted_at=at(9)) for c in customers]
+    await ledger.completions(*again)
+    async with audit_pool.acquire() as conn:
+        assert not await books.log_slo_policy(conn, ledger.slo, ledger.streams.ledger, "eu-west")
+        shares = await conn.fetchval(
+            "SELECT array_agg(DISTINCT round(c.amount / u.revenue, 2)) "
+            "FROM ledger.credits c JOIN ledger.request_usage u USING (request_id)"
+        )
+    assert shares == [Decimal("0.25"), Decimal("0.50")], "both policies gave credits"
+    without_objectives = dataclasses.replace(live, slo_ttft_ms_premium=0.0)
+    for lanes in (1, 3):
+        report = await replay.replay(without_objectives, WINDOW, lanes=lanes)
+        assert report.ok, report.text()
+        assert report.events["ledger.slo_policy"] == 3
+        assert report.counts["credits"] == {"live": 12, "rebuilt": 12}
+
+
 def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess:
-    """`tokenmill audit replay` in a child process with the test's settings: the books depend
-    on them (the latency objectives' credits), so a replay must run with the live ones."""
+    """`tokenmill audit replay` in a child process with the test's settings (those of a log
+    with no SLO policy logged, from before the ledger logged one, are the replay's)."""
     env = {**os.environ, **settings.to_env(), "PYTHONPATH": f"{ROOT / 'libs'}:{ROOT / 'services'}"}
     return subprocess.run(
         [sys.executable, "-m", "tokenmill.cli", "audit", "replay", *args],

@@ -30,9 +30,11 @@ from tokenmill.events import (
     PowerSample,
     PrepaidCreditAdded,
     QualityVerdict,
+    SloPolicySet,
     UsageBooked,
     canonical_json,
     new_id,
+    parse_event,
     utc_now,
 )
 from tokenmill.ledger import journal
@@ -82,6 +84,16 @@ class SloPolicy:
         assert all(0 <= share <= 1 for share in policy.credit_share.values()), policy
         return policy
 
+    @classmethod
+    def logged(cls, event: SloPolicySet) -> SloPolicy:
+        return cls(dict(event.ttft_ms_max), dict(event.credit_share))
+
+    def event(self, region: str) -> SloPolicySet:
+        return SloPolicySet(
+            producer="ledger", customer_id="", request_id="", region=region,
+            ttft_ms_max=self.ttft_ms_max, credit_share=self.credit_share,
+        )  # fmt: skip
+
     def ttft_credit(self, event: JobCompleted, charge: Decimal) -> Decimal:
         """What a completion is credited for a missed TTFT objective (0 if none was missed)."""
         objective = self.ttft_ms_max.get(event.tier, 0)
@@ -91,6 +103,31 @@ class SloPolicy:
 
 
 NO_SLO = SloPolicy({}, {})
+
+
+async def log_slo_policy(
+    conn: asyncpg.Connection, policy: SloPolicy, stream: str, region: str
+) -> bool:
+    """Log `policy` as the one this ledger process books under from now on, unless it is the
+    policy last logged; True if it was logged. Called as the ledger starts, before it books:
+    a replay credits each completion under the policy logged before it."""
+    async with conn.transaction():
+        # Two ledgers starting at once log one policy, not two.
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('ledger.slo_policy', 0))")
+        last = await slo_policy_at(conn, None)
+        if last == policy:
+            return False
+        return await append_event(conn, policy.event(region), stream)
+
+
+async def slo_policy_at(conn: asyncpg.Connection, seq: int | None) -> SloPolicy | None:
+    """The SLO policy last logged at or before `seq` (None: the whole log); None if none was."""
+    body = await conn.fetchval(
+        "SELECT body FROM ledger.events WHERE event_type = 'ledger.slo_policy' "
+        "AND seq <= coalesce($1, seq) ORDER BY seq DESC LIMIT 1",
+        seq,
+    )
+    return None if body is None else SloPolicy.logged(parse_event(body))  # type: ignore[arg-type]
 
 
 class Logged(NamedTuple):

@@ -15,6 +15,8 @@ from tokenmill.ledger import audit, books
 
 async def wire(rt: service.Runtime):
     slo = books.SloPolicy.from_settings(rt.settings)
+    async with rt.db.acquire() as conn:
+        await books.log_slo_policy(conn, slo, rt.streams.ledger, rt.settings.region)
 
     async def on_events(batch: list[Entry]) -> None:
         # The log append is the duplicate check: one transaction applies an event once.

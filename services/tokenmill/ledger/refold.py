@@ -12,7 +12,9 @@ process of its own, on a connection of its own: rating is Python work, and one p
 leave every core but one to the database alone. Live documents (a batch of finalized
 invoices, a credit-note sweep) are numbered across customers, so they split the log into
 stages: every lane folds the log up to the document's place, then the document is re-issued
-once, by this process, and the lanes go on.
+once, by this process, and the lanes go on. The ledger's SLO policy (`ledger.slo_policy`)
+applies to every customer, so every lane reads each one and books the completions logged after
+it under it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from tokenmill.events import (
     JobFailed,
     PrepaidCreditAdded,
     QualityVerdict,
+    SloPolicySet,
     parse_event,
 )
 from tokenmill.ledger import books, invoices
@@ -47,8 +50,10 @@ from tokenmill.ledger.billing import Period
 if TYPE_CHECKING:  # Not imported at run time: it brings the PDF renderer, a lane needs none.
     from tokenmill.ledger.commands import Progress
 
-# The kinds of event that change the books; every other kind is only counted.
-APPLIED_TYPES = sorted({"job.completed", *books.APPLIED_TYPES})
+# The kinds of event that change the books, and the ledger's SLO policy, which changes how
+# later completions are booked; every other kind is only counted.
+SLO_POLICY = "ledger.slo_policy"
+APPLIED_TYPES = sorted({"job.completed", SLO_POLICY, *books.APPLIED_TYPES})
 # Events of a lane read from the log per round trip.
 LOG_CHUNK_ROWS = 20_000
 # Completions booked per call; larger than the live consumer's batches because nothing waits
@@ -65,11 +70,11 @@ FOLD_GC_THRESHOLDS = (50_000, 20, 100)
 PROGRESS_EVERY_S = 0.5
 
 # A lane's events of a stage, a chunk at a time: those that change the books, of the
-# customers whose id hashes to the lane.
+# customers whose id hashes to the lane, and every SLO policy (it applies to every customer).
 _LANE_EVENTS = (
     "SELECT seq, event_id, body FROM ledger.events WHERE seq > $1 AND seq <= $2 "
-    "AND event_type = ANY($3::text[]) "
-    "AND mod(hashtext(customer_id)::bigint + 2147483648, $4) = $5 ORDER BY seq LIMIT $6"
+    "AND event_type = ANY($3::text[]) AND (event_type = $7 "
+    "OR mod(hashtext(customer_id)::bigint + 2147483648, $4) = $5) ORDER BY seq LIMIT $6"
 )
 # The first event that changes the books recorded after a document, from a seq on: the
 # document is re-issued before it, as it was issued live before it was logged.
@@ -166,7 +171,12 @@ class Fold:
         self._applying: asyncio.Task | None = None
 
     async def event(self, event: Event) -> None:
-        """Apply a logged event that changes the books, with the segment it joins."""
+        """Apply a logged event that changes the books, with the segment it joins; an SLO
+        policy applies to the completions logged after it."""
+        if isinstance(event, SloPolicySet):
+            await self.flush()
+            self.slo = books.SloPolicy.logged(event)
+            return
         if not self.segment.takes(event):
             await self.flush()
         self.segment.add(event)
@@ -177,7 +187,7 @@ class Fold:
         await self.settle()
         segment, self.segment = self.segment, Segment()
         if segment.events:
-            self._applying = asyncio.create_task(self._apply(segment))
+            self._applying = asyncio.create_task(self._apply(segment, self.slo))
 
     async def settle(self) -> None:
         """Wait until every segment started is applied."""
@@ -195,13 +205,13 @@ class Fold:
         if self._applying is not None:
             self._applying.cancel()
 
-    async def _apply(self, segment: Segment) -> None:
+    async def _apply(self, segment: Segment, slo: books.SloPolicy) -> None:
         conn = self.scratch
         async with conn.transaction():
             await books.apply_logged(conn, segment.before)
             for first in range(0, len(segment.completions), BATCH_MAX):
                 batch = segment.completions[first : first + BATCH_MAX]
-                await books.book_logged(conn, batch, None, self.slo)
+                await books.book_logged(conn, batch, None, slo)
             await books.apply_logged(conn, segment.after)
 
     async def unlogged(self, extra: list[books.Logged]) -> None:
@@ -254,6 +264,7 @@ class LaneJob:
 
     live_url: str
     scratch_url: str
+    # The SLO policy in force at `after`: the last one logged by then, or else the replay's.
     slo: books.SloPolicy
     lanes: int
     lane: int = 0
@@ -284,11 +295,15 @@ async def _fold_lane(job: LaneJob) -> None:
         with _collecting_rarely():
             try:
                 async for bodies in _lane_bodies(live, job):
+                    folded = 0
                     for body in bodies:
-                        await fold.event(parse_event(body))
+                        event = parse_event(body)
+                        await fold.event(event)
+                        # Every lane reads each policy: it is counted as folded once.
+                        folded += job.lane == 0 or not isinstance(event, SloPolicySet)
                     if _folded is not None:
                         with _folded.get_lock():
-                            _folded.value += len(bodies)
+                            _folded.value += folded
                 await fold.drain()
             finally:
                 fold.abandon()
@@ -302,8 +317,9 @@ async def _lane_bodies(live: asyncpg.Connection, job: LaneJob) -> AsyncIterator[
     after = job.after
     while True:
         rows = await live.fetch(
-            _LANE_EVENTS, after, job.upto, APPLIED_TYPES, job.lanes, job.lane, LOG_CHUNK_ROWS
-        )
+            _LANE_EVENTS, after, job.upto, APPLIED_TYPES, job.lanes, job.lane, LOG_CHUNK_ROWS,
+            SLO_POLICY,
+        )  # fmt: skip
         if not rows:
             return
         after = rows[-1]["seq"]
@@ -357,14 +373,16 @@ async def fold(
     )
     if progress is not None:
         progress.start(sum(replayed[t] for t in APPLIED_TYPES) + len(extra))
-    here = Fold(scratch, job.slo)
+    here = Fold(scratch, await books.slo_policy_at(live, end) or job.slo)
     stages, after_log = await _stages(live, await documents(live), end)
     spawn = multiprocessing.get_context("spawn")  # Not fork: this process has connections.
     folded = spawn.Value("q", 0)
     with _lane_processes(job.lanes, spawn, folded) as pool:
         after = 0
         for upto, group in stages:
-            await _fold_stage(pool, replace(job, after=after, upto=upto), folded, progress)
+            slo = await books.slo_policy_at(live, after) or job.slo
+            stage = replace(job, after=after, upto=upto, slo=slo)
+            await _fold_stage(pool, stage, folded, progress)
             if group:
                 await here.documents(group)
             after = upto

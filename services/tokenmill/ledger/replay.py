@@ -13,11 +13,13 @@ scratch database needs none of it, and so it cannot drift from the live code. It
 per run (`<database>_replay_<id>`) and dropped after, unless `--keep`.
 
 Prices, cost rates and customer plans are not derived from events (operators set them): they
-are copied from the live database before the fold. Finalized invoices and credit notes are
-operator actions too: each is re-issued by the live code (`invoices.finalize_batch`,
-`invoices.issue_credit_notes`) at its place in the fold, before the first event the log
-recorded after it, in its original year's series, so its number, lines and totals must come
-out the same.
+are copied from the live database before the fold. The latency objectives the credits depend on
+are in the log (`ledger.slo_policy`, logged by the ledger as it starts); a log from before they
+were logged is folded under this replay's settings until the first. Finalized invoices and
+credit notes are operator actions too: each is re-issued by the live code
+(`invoices.finalize_batch`, `invoices.issue_credit_notes`) at its place in the fold, before the
+first event the log recorded after it, in its original year's series, so its number, lines and
+totals must come out the same.
 
 The fold always takes the whole log, from its beginning (rating positions and prepaid
 balances carry over from earlier months, so a fold cannot start mid-way without a trusted

@@ -85,8 +85,11 @@ def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     return migrations
 
 
-async def migrate(database_url: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
+async def migrate(
+    database_url: str, directory: Path = MIGRATIONS_DIR, *, quiet: bool = False
+) -> list[str]:
     """Apply every migration not yet applied, each in its own transaction; return their names.
+    Each is logged at INFO, or at DEBUG when `quiet` (a replay's scratch database).
 
     An advisory lock serialises concurrent runners, so five services starting at once apply
     each migration exactly once. An applied migration whose file changed is refused: the
@@ -125,7 +128,10 @@ async def migrate(database_url: str, directory: Path = MIGRATIONS_DIR) -> list[s
                     migration.checksum,
                 )
             done.append(f"{migration.version:04d}_{migration.name}")
-            log.info("applied migration %04d_%s", migration.version, migration.name)
+            log.log(
+                logging.DEBUG if quiet else logging.INFO,
+                "applied migration %04d_%s", migration.version, migration.name,
+            )  # fmt: skip
         return done
     finally:
         await conn.close()

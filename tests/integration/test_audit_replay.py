@@ -311,6 +311,7 @@ async def test_the_command_exits_non_zero_on_a_difference_and_2_on_bad_input(
     equal = _cli(live, "--from", "2026-10-01", "--to", "2026-11-01", "--lanes", "2")
     assert equal.returncode == 0, equal.stdout + equal.stderr
     assert "OK: the rebuilt books equal the live books" in equal.stdout
+    assert "applied migration" not in equal.stderr, "the scratch migrations stay quiet"
     async with audit_pool.acquire() as conn:
         await tamper(
             conn,

@@ -226,7 +226,7 @@ async def create_scratch(live: asyncpg.Connection, database_url: str) -> tuple[s
     # disk.
     await live.execute(f'ALTER DATABASE "{name}" SET synchronous_commit = off')
     url = scratch_url(database_url, name)
-    await migrate(url)
+    await migrate(url, quiet=True)
     scratch = await asyncpg.connect(url)
     try:
         await _unlog_tables(scratch)

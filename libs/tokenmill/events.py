@@ -177,6 +177,8 @@ class PowerSample(Event):
     power_w: Decimal
     # The highest power between two of the window's readings (None from older telemetry).
     power_w_max: Decimal | None = None
+    # The machine the meter is on: every GPU host has a "cuda:0" (empty from older telemetry).
+    host: str = ""
 
 
 class PrepaidCreditAdded(Event):

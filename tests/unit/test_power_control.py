@@ -17,7 +17,9 @@ CAP_W = Decimal(1000)
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
 
 
-def sample(power_w: float, seconds: float = 1.0, device: str = "cpu", start_s: float = 0):
+def sample(
+    power_w: float, seconds: float = 1.0, device: str = "cpu", start_s: float = 0, host: str = ""
+):
     start = T0 + timedelta(seconds=start_s)
     energy_j = Decimal(str(power_w)) * Decimal(str(seconds))
     return PowerSample(
@@ -32,6 +34,7 @@ def sample(power_w: float, seconds: float = 1.0, device: str = "cpu", start_s: f
         window_end=start + timedelta(seconds=seconds),
         energy_j=energy_j,
         power_w=Decimal(str(power_w)),
+        host=host,
     )
 
 
@@ -42,6 +45,14 @@ def test_each_meter_is_averaged_over_its_windows_and_the_meters_are_summed():
         sample(40, 2, "cpu"),
     ]
     assert facility_power_w(samples) == Decimal("290.000")
+
+
+def test_two_hosts_devices_of_one_name_are_two_meters():
+    samples = [sample(500, 1, "cuda:0", host="gpu-a"), sample(700, 1, "cuda:0", host="gpu-b")]
+    assert facility_power_w(samples) == Decimal("1200.000")
+    # One host's windows of one device are still one meter's, averaged.
+    again = [*samples, sample(300, 1, "cuda:0", 1, host="gpu-a")]
+    assert facility_power_w(again) == Decimal("1100.000")
 
 
 def test_no_samples_is_no_measurement_not_zero_watts():

@@ -71,12 +71,13 @@ class Policy:
 
 def facility_power_w(samples: Iterable[PowerSample]) -> Decimal | None:
     """Each meter's mean power over its samples (its joules over its windows' seconds), summed
-    over meters; None when no meter reported. A meter is named by its region, device and meter:
-    two hosts must not name their devices alike (see docs/architecture.md)."""
-    energy_j: dict[tuple[str, str, str], Decimal] = defaultdict(Decimal)
-    seconds: dict[tuple[str, str, str], Decimal] = defaultdict(Decimal)
+    over meters; None when no meter reported. A meter is named by its region, host, device and
+    meter: two hosts' "cuda:0" are two meters. (Samples from telemetry older than the host
+    field share the empty host, so two such hosts must not name their devices alike.)"""
+    energy_j: dict[tuple[str, str, str, str], Decimal] = defaultdict(Decimal)
+    seconds: dict[tuple[str, str, str, str], Decimal] = defaultdict(Decimal)
     for sample in samples:
-        source = (sample.region, sample.device, sample.meter)
+        source = (sample.region, sample.host, sample.device, sample.meter)
         window_s = Decimal(str((sample.window_end - sample.window_start).total_seconds()))
         if window_s <= 0:
             continue

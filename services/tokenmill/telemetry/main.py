@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from datetime import datetime
 from decimal import Decimal
 
@@ -32,6 +33,7 @@ def sample(
     end: datetime,
     energy_j: Decimal,
     power_w_max: Decimal | None = None,
+    host: str = "",
 ) -> PowerSample:
     window_s = to_decimal(max((end - start).total_seconds(), 1e-6))
     return PowerSample(
@@ -47,6 +49,7 @@ def sample(
         energy_j=energy_j,
         power_w=(energy_j / window_s).quantize(WATT_PLACES),
         power_w_max=power_w_max,
+        host=host,
     )
 
 
@@ -57,6 +60,7 @@ async def sample_forever(rt: service.Runtime, meter: Meter) -> None:
     read_s = 1 / rt.settings.power_read_hz
     start, start_j = utc_now(), meter.energy_j()
     peak_w = Decimal(0)
+    host = socket.gethostname()
     while True:
         window_ends_s = loop.time() + rt.settings.power_sample_interval_s
         last_s, last_j = loop.time(), meter.energy_j()
@@ -70,8 +74,9 @@ async def sample_forever(rt: service.Runtime, meter: Meter) -> None:
         assert end_j >= start_j, "meters count up"
         try:
             window = sample(
-                meter, rt.settings.region, start, end, end_j - start_j, peak_w.quantize(WATT_PLACES)
-            )
+                meter, rt.settings.region, start, end, end_j - start_j,
+                peak_w.quantize(WATT_PLACES), host,
+            )  # fmt: skip
             await publish_event(rt.broker, rt.streams.power, window, rt.signing_keys)
         except Exception as exc:  # Redis unavailable: widen the window instead of losing it.
             log.warning("power sample not published (%s); folding it into the next window", exc)

@@ -439,9 +439,7 @@ async def book_completions(
     completion with a new event id. That first completion is the request's canonical one:
     UsageBooked names it, the intake shows its output, and only its verdict counts.
     """
-    assert conn.is_in_transaction(), "the log append and the books commit together"
-    new_ids = await append_events(conn, completions)
-    logged = [x.event for x in completions if x.event.event_id in new_ids]
+    logged = await _append_new(conn, completions)
     return await book_logged(conn, logged, booked_stream, slo)  # type: ignore[arg-type]
 
 
@@ -675,13 +673,20 @@ async def apply_events(conn: asyncpg.Connection, logged: Sequence[Logged]) -> se
     books, in the caller's transaction; return their ids. An event the log already had (a
     redelivery) changes nothing. The ledger's consumers and `tokenmill audit replay` both
     come here."""
+    fresh = await _append_new(conn, logged)
+    await apply_logged(conn, fresh)
+    return {event.event_id for event in fresh}
+
+
+async def _append_new(conn: asyncpg.Connection, logged: Sequence[Logged]) -> list[Event]:
+    """Append `logged` to the log; return the events it did not have, each once, in order.
+
+    An event published twice (a relay that crashed after publishing) can come twice in one
+    batch: the log takes it once, and so must the books."""
     assert conn.is_in_transaction(), "the log append and the books commit together"
     new_ids = await append_events(conn, logged)
-    # An event published twice (a relay that crashed after publishing) can come twice in one
-    # batch: the log takes it once, and so must the books.
     fresh = {x.event.event_id: x.event for x in logged if x.event.event_id in new_ids}
-    await apply_logged(conn, list(fresh.values()))
-    return new_ids
+    return list(fresh.values())
 
 
 # The kinds of event, besides completions, that change the books; the log keeps every other

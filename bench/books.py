@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import io
 import os
 import pstats
 import sys
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from urllib.parse import urlsplit, urlunsplit
@@ -54,6 +56,49 @@ PUBLISH_CHUNK = 5000
 REDELIVERED = 5000
 PROFILED = 20_000
 WAIT_S_MAX = 1800.0
+
+
+@contextlib.asynccontextmanager
+async def deployment(name: str, batch: int) -> AsyncIterator[tuple[Settings, RedisClient]]:
+    """A throwaway migrated database and stream prefix (its groups created) for one run, and a
+    Redis client; both removed afterwards."""
+    run_id = new_id().lower()
+    database = f"tm_bench_{name}_{run_id}"
+    admin = await asyncpg.connect(ADMIN_URL)
+    await admin.execute(f'CREATE DATABASE "{database}"')
+    database_url = urlunsplit(urlsplit(ADMIN_URL)._replace(path=f"/{database}"))
+    settings = Settings.from_env(
+        {}, database_url=database_url, redis_url=REDIS_URL, stream_prefix=f"tmbench.{run_id}",
+        signing_keys=new_key_spec(), ledger_batch_max=batch,
+    )  # fmt: skip
+    redis = RedisClient.from_url(REDIS_URL)
+    try:
+        await migrate(database_url)
+        await create_groups(redis, Streams(settings.stream_prefix).groups(settings.region))
+        yield settings, redis
+    finally:
+        async for key in redis.scan_iter(match=f"{settings.stream_prefix}.*", count=500):
+            await redis.delete(key)
+        await redis.aclose()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def ledger_process(settings: Settings) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`tokenmill serve ledger` in a process of its own, on `settings`; killed on the way out."""
+    env = {**os.environ, **settings.to_env()}
+    del env["TOKENMILL_CONSUMER"]
+    ledger = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tokenmill.cli", "serve", "ledger", env=env,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        yield ledger
+    finally:
+        if ledger.returncode is None:
+            ledger.kill()
+            await ledger.wait()
 
 
 def completions(n: int, seed: str) -> list[JobCompleted]:
@@ -182,51 +227,29 @@ async def profile_direct(pool: asyncpg.Pool, events: list[JobCompleted], batch: 
 
 
 async def run(n: int, batch: int, chain: bool) -> None:
-    run_id = new_id().lower()
-    database = f"tm_bench_books_{run_id}"
-    admin = await asyncpg.connect(ADMIN_URL)
-    await admin.execute(f'CREATE DATABASE "{database}"')
-    database_url = urlunsplit(urlsplit(ADMIN_URL)._replace(path=f"/{database}"))
-    settings = Settings.from_env(
-        {},
-        database_url=database_url,
-        redis_url=REDIS_URL,
-        stream_prefix=f"tmbench.{run_id}",
-        signing_keys=new_key_spec(),
-        ledger_batch_max=batch,
-    )
-    streams = Streams(settings.stream_prefix)
-    redis = RedisClient.from_url(REDIS_URL)
-    ledger = None
-    try:
-        await migrate(database_url)
+    async with deployment("books", batch) as (settings, redis):
         if not chain:
-            bench_db = await asyncpg.connect(database_url)
+            bench_db = await asyncpg.connect(settings.database_url)
             await bench_db.execute(
                 "ALTER TABLE ledger.events DISABLE TRIGGER events_queue_for_sealing"
             )
             await bench_db.close()
-        await create_groups(redis, streams.groups(settings.region))
+        streams = Streams(settings.stream_prefix)
         keys = SigningKeys.parse(settings.signing_keys)
-        events = completions(n, run_id[-6:])
+        seed = settings.stream_prefix[-6:]
+        events = completions(n, seed)
         started = time.perf_counter()
         await publish_all(redis, streams.completions, events, keys)
         print(f"published {n:,} signed completions in {time.perf_counter() - started:.1f}s")
-
-        env = {**os.environ, **settings.to_env()}
-        del env["TOKENMILL_CONSUMER"]
-        ledger = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tokenmill.cli", "serve", "ledger", env=env
-        )
         pool = await create_pool(settings)
-        elapsed_s = await wait_for_bookings(pool, n)
-        await settled(redis, streams.completions)
-        counts = await check_exactly_once(pool, n)
-        await publish_all(redis, streams.completions, events[:REDELIVERED], keys)
-        await settled(redis, streams.completions)
-        assert await check_exactly_once(pool, n) == counts, "a redelivery posted again"
-        ledger.terminate()
-        await ledger.wait()
+        # The ledger stops before the raw COPY and the profile: neither shares the cores with it.
+        async with ledger_process(settings):
+            elapsed_s = await wait_for_bookings(pool, n)
+            await settled(redis, streams.completions)
+            counts = await check_exactly_once(pool, n)
+            await publish_all(redis, streams.completions, events[:REDELIVERED], keys)
+            await settled(redis, streams.completions)
+            assert await check_exactly_once(pool, n) == counts, "a redelivery posted again"
         booked_rate = n / elapsed_s
         rows, raw_rate = await copy_rate(pool)
         print(
@@ -240,16 +263,8 @@ async def run(n: int, batch: int, chain: bool) -> None:
         )
         print(f"raw COPY:         {raw_rate:,.0f} usage rows/s ({rows:,} rows)")
         print(f"ratio:            booking runs at {booked_rate / raw_rate:.1%} of a raw COPY")
-        print(await profile_direct(pool, completions(PROFILED, run_id[-6:] + "p"), batch))
+        print(await profile_direct(pool, completions(PROFILED, seed + "p"), batch))
         await pool.close()
-    finally:
-        if ledger is not None and ledger.returncode is None:
-            ledger.kill()
-        async for key in redis.scan_iter(match=f"{settings.stream_prefix}.*", count=500):
-            await redis.delete(key)
-        await redis.aclose()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        await admin.close()
 
 
 def main() -> None:

@@ -18,21 +18,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import sys
 import time
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-from redis.asyncio import Redis as RedisClient
 
-from bench.books import ADMIN_URL, REDELIVERED, REDIS_URL, WAIT_S_MAX, completions, publish_all
+from bench.books import (
+    REDELIVERED,
+    WAIT_S_MAX,
+    completions,
+    deployment,
+    ledger_process,
+    publish_all,
+)
 from bench.replay import submitted
-from tokenmill.db import create_pool, migrate
-from tokenmill.events import JobCompleted, QualitySignal, QualityVerdict, new_id
-from tokenmill.settings import Settings
-from tokenmill.signing import SigningKeys, new_key_spec
-from tokenmill.streams import Streams, create_groups
+from tokenmill.db import create_pool
+from tokenmill.events import JobCompleted, QualitySignal, QualityVerdict
+from tokenmill.signing import SigningKeys
+from tokenmill.streams import Streams
 
 POLL_S = 0.25
 
@@ -77,49 +79,22 @@ async def wait_for(pool: asyncpg.Pool, events: int) -> float:
 
 async def one_pass(n: int, batch: int) -> float:
     """The ledger's rate over 2N events with batches of `batch`, checked exactly once."""
-    run_id = new_id().lower()
-    database = f"tm_bench_streams_{run_id}"
-    admin = await asyncpg.connect(ADMIN_URL)
-    await admin.execute(f'CREATE DATABASE "{database}"')
-    database_url = urlunsplit(urlsplit(ADMIN_URL)._replace(path=f"/{database}"))
-    settings = Settings.from_env(
-        {}, database_url=database_url, redis_url=REDIS_URL, stream_prefix=f"tmbench.{run_id}",
-        signing_keys=new_key_spec(), ledger_batch_max=batch,
-    )  # fmt: skip
-    streams = Streams(settings.stream_prefix)
-    redis = RedisClient.from_url(REDIS_URL)
-    ledger = None
-    try:
-        await migrate(database_url)
-        await create_groups(redis, streams.groups(settings.region))
+    async with deployment("streams", batch) as (settings, redis):
+        streams = Streams(settings.stream_prefix)
         keys = SigningKeys.parse(settings.signing_keys)
-        done = completions(n, run_id[-6:])
+        done = completions(n, settings.stream_prefix[-6:])
         jobs, judged = submitted(done), verdicts(done)
         await publish_all(redis, streams.jobs(settings.region), jobs, keys)  # type: ignore[arg-type]
         await publish_all(redis, streams.quality, judged, keys)  # type: ignore[arg-type]
-        env = {**os.environ, **settings.to_env()}
-        del env["TOKENMILL_CONSUMER"]
-        ledger = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tokenmill.cli", "serve", "ledger", env=env,
-            stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
         pool = await create_pool(settings)
-        rate = await wait_for(pool, 2 * n)
-        assert await counts(pool) == (2 * n, n), await counts(pool)
-        await publish_all(redis, streams.quality, judged[:REDELIVERED], keys)  # type: ignore[arg-type]
-        await asyncio.sleep(2)  # Long enough for the batched ledger to read them again.
-        assert await counts(pool) == (2 * n, n), "a redelivery was logged or applied again"
+        async with ledger_process(settings):
+            rate = await wait_for(pool, 2 * n)
+            assert await counts(pool) == (2 * n, n), await counts(pool)
+            await publish_all(redis, streams.quality, judged[:REDELIVERED], keys)  # type: ignore[arg-type]
+            await asyncio.sleep(2)  # Long enough for the batched ledger to read them again.
+            assert await counts(pool) == (2 * n, n), "a redelivery was logged or applied again"
         await pool.close()
         return rate
-    finally:
-        if ledger is not None and ledger.returncode is None:
-            ledger.kill()
-            await ledger.wait()
-        async for key in redis.scan_iter(match=f"{settings.stream_prefix}.*", count=500):
-            await redis.delete(key)
-        await redis.aclose()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        await admin.close()
 
 
 async def run(n: int, batch: int) -> None:
